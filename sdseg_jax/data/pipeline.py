@@ -1,0 +1,133 @@
+"""grain input pipelines: an infinite, checkpointable train stream and a finite eval pass.
+
+Both return HOST-LOCAL numpy batches: every process builds the same index sequence and reads
+only its own share, and the training code assembles global arrays from the per-host pieces.
+
+Train: a seeded shuffle of the whole split that is redrawn every epoch (grain's epoch-aware
+`shuffle` over an endless `repeat`), seeded flips keyed on the GLOBAL element index, then
+process `p` of `P` takes elements p, p+P, p+2P, ... . So the P processes together read each epoch
+exactly once, none reads what another does, and the stream does not depend on the worker count.
+The returned `grain.DatasetIterator` has `get_state()` / `set_state()` (and works with
+`grain.checkpoint.CheckpointSave/Restore` in orbax), so a restored run sees the same batches.
+
+Eval: no shuffle, no flips; the split is padded to a multiple of `batch_size * process_count` so
+every process runs the same number of equally shaped batches (static shapes for jit, matching
+collectives across hosts); padded rows repeat the first sample and carry `valid = False`.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from typing import Any, Iterator
+
+import grain
+import numpy as np
+
+from sdseg_jax.data import registry, transforms
+
+Batch = dict[str, np.ndarray]
+
+
+def ensure_absl_flags_parsed() -> None:
+  """grain 0.2.17/0.2.18 reads absl flags in worker processes and raises
+  `UnparsedFlagAccessError` when the program never parsed them (pytest, notebooks, scripts
+  without `absl.app.run`). Marking them parsed keeps every flag at its default, which is what
+  such programs get anyway; programs run under `app.run` are left untouched."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def _preprocess(data_config, train: bool) -> transforms.Preprocess:
+  return transforms.Preprocess(
+      image_size=int(data_config.image_size),
+      interpolation=data_config.get("interpolation", "bicubic"),
+      target=data_config.get("target", "foreground"),
+      train=train)
+
+
+def make_train_loader(data_config, *, split_dir: pathlib.Path, global_batch_size: int,
+                      process_index: int, process_count: int, seed: int,
+                      worker_count: int) -> grain.DatasetIterator:
+  """Infinite iterator of host-local train batches {"image", "mask"}: f32 (b, S, S, 3).
+
+  b = global_batch_size // process_count. Reads `data_config` fields image_size, interpolation,
+  target, flip_prob, read_threads, prefetch (and the source's own fields).
+  """
+  if global_batch_size % process_count:
+    raise ValueError(f"global batch {global_batch_size} is not divisible by "
+                     f"{process_count} processes")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  local_batch = global_batch_size // process_count
+  source = registry.make_source(data_config, "train", split_dir)
+  if len(source) < process_count:
+    raise ValueError(f"train split has {len(source)} samples for {process_count} processes")
+
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+  ds = ds.map(_preprocess(data_config, train=True))
+  flip_prob = float(data_config.get("flip_prob", 0.5))
+  if flip_prob > 0:
+    # A different stream than the shuffle's: seed + 1 (both derive from the run seed).
+    ds = ds.random_map(transforms.RandomFlips(flip_prob), seed=seed + 1)
+  # Batching the random-access dataset (not the iterator) fixes batch k to elements
+  # [k*b, (k+1)*b) of this process's share, so worker processes (which take whole batches in
+  # turn) and read threads change only the speed, never the stream.
+  ds = ds[process_index::process_count].batch(local_batch, drop_remainder=True)
+  threads = int(data_config.get("read_threads", 4))
+  prefetch = int(data_config.get("prefetch", 2))
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                            prefetch_buffer_size=max(prefetch, threads)))
+  if worker_count > 0:
+    ensure_absl_flags_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=worker_count, per_worker_buffer_size=prefetch))
+  return iter(it)
+
+
+class _EvalElement(grain.transforms.Map):
+  """Global eval index -> preprocessed element with `valid` (indices past the end are padding)."""
+
+  def __init__(self, source: Any, preprocess: transforms.Preprocess):
+    self.source = source
+    self.preprocess = preprocess
+
+  def map(self, index: int) -> dict[str, Any]:
+    n = len(self.source)
+    element = self.preprocess.map(self.source[index if index < n else 0])
+    element["valid"] = np.bool_(index < n)
+    return element
+
+
+class EvalLoader:
+  """Finite, re-iterable sequence of host-local eval batches with static shapes.
+
+  Each batch: "image" f32 (b, S, S, 3), "label" uint8 (b, S, S), "name"/"case" str arrays,
+  "slice" int32 (b,), "valid" bool (b,). `len()` is the number of batches, the same on every
+  process.
+  """
+
+  def __init__(self, source: Any, preprocess: transforms.Preprocess, batch_size: int,
+               process_index: int, process_count: int, read_threads: int = 4):
+    self.num_examples = len(source)
+    per_step = batch_size * process_count
+    self.num_batches = max(1, math.ceil(self.num_examples / per_step))
+    ds = grain.MapDataset.range(self.num_batches * per_step)[process_index::process_count]
+    self._ds = ds.map(_EvalElement(source, preprocess)).batch(batch_size)
+    self._read_options = grain.ReadOptions(num_threads=read_threads,
+                                           prefetch_buffer_size=2 * read_threads)
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+  def __iter__(self) -> Iterator[Batch]:
+    return iter(self._ds.to_iter_dataset(self._read_options))
+
+
+def make_eval_loader(data_config, split: str, *, split_dir: pathlib.Path, batch_size: int,
+                     process_index: int, process_count: int) -> EvalLoader:
+  """Deterministic pass over `split` (no flips, no shuffle), padded, with a `valid` mask."""
+  source = registry.make_source(data_config, split, split_dir)
+  return EvalLoader(source, _preprocess(data_config, train=False), batch_size, process_index,
+                    process_count, int(data_config.get("read_threads", 4)))

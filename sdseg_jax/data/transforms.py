@@ -1,0 +1,131 @@
+"""NumPy-only grain transforms: raw record -> model-ready element.
+
+`Preprocess` resizes (image bicubic/bilinear, mask nearest, both with Pillow, like the official
+loaders), maps the image to float32 [-1, 1] with 3 channels and turns the label map into the
+binary target of the task ({-1, +1}, 3 identical channels, the layout the kl-f8 VAE encodes).
+`RandomFlips` applies the SAME horizontal/vertical flips to image and mask; as a grain
+`RandomMap` its randomness comes from grain's per-element seeded rng, so a run is reproducible
+and independent of the number of worker processes.
+
+No TensorFlow here: transforms run in grain worker processes next to the JAX host process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+Element = dict[str, Any]
+
+_INTERPOLATION = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+# Target rules: how a raw label map becomes the segmentation target.
+#   foreground  any non-zero label (polyps, teeth, BTCV organ union)
+#   cup / disc  REFUGE label map 0 background, 1 disc outside the cup, 2 cup
+#   multiclass  "label" keeps the full label map (BTCV 9/14 classes); "mask" is the foreground
+TARGETS = ("foreground", "cup", "disc", "multiclass")
+
+
+def binary_target(label_map: np.ndarray, target: str) -> np.ndarray:
+  """uint8 {0, 1} map of the task's foreground."""
+  if target in ("foreground", "multiclass"):
+    return (label_map > 0).astype(np.uint8)
+  if target == "cup":
+    return (label_map == 2).astype(np.uint8)
+  if target == "disc":
+    return (label_map >= 1).astype(np.uint8)
+  raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
+
+
+def resize_image(image: np.ndarray, size: int, interpolation: str) -> np.ndarray:
+  """Resizes uint8 RGB or float32 [0, 1] (H, W, 3) to (size, size, 3), same dtype."""
+  if image.shape[:2] == (size, size):
+    return image
+  method = _INTERPOLATION[interpolation]
+  if image.dtype == np.uint8:
+    return np.asarray(Image.fromarray(image).resize((size, size), method))
+  # Pillow resizes float images one channel at a time (mode "F").
+  chans = [np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], dtype=np.float32))
+                      .resize((size, size), method)) for c in range(image.shape[-1])]
+  return np.clip(np.stack(chans, axis=-1), 0.0, 1.0)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+  """Nearest-neighbour resize of a uint8 label map, so no new label values appear."""
+  if mask.shape == (size, size):
+    return mask
+  return np.asarray(Image.fromarray(mask).resize((size, size), Image.Resampling.NEAREST))
+
+
+def image_to_model(image: np.ndarray) -> np.ndarray:
+  """uint8 [0, 255] or float [0, 1] -> float32 [-1, 1], 3 channels (grayscale replicated)."""
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  if image.dtype == np.uint8:
+    return image.astype(np.float32) / 127.5 - 1.0
+  return image.astype(np.float32) * 2.0 - 1.0
+
+
+def target_to_model(binary: np.ndarray) -> np.ndarray:
+  """{0, 1} (H, W) -> float32 (H, W, 3) in {-1, +1}."""
+  return np.repeat(np.where(binary > 0, 1.0, -1.0).astype(np.float32)[..., None], 3, axis=-1)
+
+
+class Preprocess(grain.transforms.Map):
+  """Raw record -> {"image", "mask"} (train) or {"image", "label", "name", "case", "slice"} (eval)."""
+
+  def __init__(self, image_size: int, interpolation: str = "bicubic",
+               target: str = "foreground", train: bool = True):
+    if interpolation not in _INTERPOLATION:
+      raise ValueError(f"unknown interpolation {interpolation!r}")
+    if target not in TARGETS:
+      raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
+    self.image_size = int(image_size)
+    self.interpolation = interpolation
+    self.target = target
+    self.train = train
+
+  def map(self, element: Element) -> Element:
+    s = self.image_size
+    image = image_to_model(resize_image(element["image"], s, self.interpolation))
+    label_map = resize_mask(element["mask"], s)
+    binary = binary_target(label_map, self.target)
+    if self.train:
+      return {"image": image, "mask": target_to_model(binary)}
+    label = label_map if self.target == "multiclass" else binary
+    return {"image": image, "label": label.astype(np.uint8), "name": str(element["name"]),
+            "case": str(element["case"]), "slice": np.int32(element["slice"])}
+
+
+def flip(element: Element, horizontal: bool, vertical: bool) -> Element:
+  """Flips every spatial array of the element the same way (image, mask, label)."""
+  out = dict(element)
+  for key in ("image", "mask", "label"):
+    if key in out:
+      x = out[key]
+      if horizontal:
+        x = x[:, ::-1]
+      if vertical:
+        x = x[::-1]
+      out[key] = np.ascontiguousarray(x)
+  return out
+
+
+class RandomFlips(grain.transforms.RandomMap):
+  """Random horizontal and vertical flips, each with probability `p`, shared by image and mask."""
+
+  def __init__(self, p: float = 0.5):
+    self.p = float(p)
+
+  def random_map(self, element: Element, rng: np.random.Generator) -> Element:
+    h, v = rng.random(2) < self.p
+    return flip(element, bool(h), bool(v))
