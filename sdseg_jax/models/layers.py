@@ -1,0 +1,95 @@
+"""Building blocks shared by the VAE, the vision encoder and the UNet.
+
+The helpers here are called inside a parent's `@nn.compact` method and create the Flax layer
+under the given name, so that parameter paths mirror the official PyTorch state_dict keys
+(`down_0/block_1/conv1/kernel` <-> `down.0.block.1.conv1.weight`), which keeps checkpoint
+conversion a mechanical rename.
+
+Initialisers follow PyTorch's defaults so that a model created from scratch has the same weight
+statistics as the official code: U(+-1/sqrt(fan_in)) for conv/linear weights and biases (kaiming
+uniform with a=sqrt(5)), N(0, 1) for embeddings, and zeros where LDM uses `zero_module`.
+"""
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Precision = Any
+
+
+def torch_default_kernel_init() -> Callable:
+  """PyTorch's Conv/Linear weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias_init(fan_in: int) -> Callable:
+  """PyTorch's Conv/Linear bias init, which (unlike Flax's) depends on the fan-in."""
+  bound = 1.0 / max(fan_in, 1) ** 0.5
+
+  def init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def conv2d(x: jax.Array, features: int, name: str, *, kernel_size: int = 3, stride: int = 1,
+           padding: Any = None, zero_init: bool = False, dtype: Dtype = jnp.float32,
+           precision: Precision = None) -> jax.Array:
+  """Applies a torch.nn.Conv2d-equivalent convolution (NHWC) created under `name`.
+
+  `padding` defaults to "same" for odd kernels (kernel_size // 2 on every side, as the official
+  3x3 convs with padding=1); explicit pairs express the VAE's asymmetric downsampling.
+  """
+  if padding is None:
+    padding = kernel_size // 2
+  if isinstance(padding, int):
+    padding = ((padding, padding), (padding, padding))
+  fan_in = x.shape[-1] * kernel_size * kernel_size
+  layer = nn.Conv(
+      features, (kernel_size, kernel_size),
+      strides=(stride, stride),
+      padding=padding,
+      dtype=dtype,
+      precision=precision,
+      kernel_init=nn.initializers.zeros if zero_init else torch_default_kernel_init(),
+      bias_init=nn.initializers.zeros if zero_init else torch_default_bias_init(fan_in),
+      name=name)
+  return layer(x)
+
+
+def linear(x: jax.Array, features: int, name: str, *, zero_init: bool = False,
+           dtype: Dtype = jnp.float32, precision: Precision = None) -> jax.Array:
+  """Applies a torch.nn.Linear-equivalent dense layer (also used for 1x1 Conv1d) under `name`."""
+  layer = nn.Dense(
+      features,
+      dtype=dtype,
+      precision=precision,
+      kernel_init=nn.initializers.zeros if zero_init else torch_default_kernel_init(),
+      bias_init=nn.initializers.zeros if zero_init else torch_default_bias_init(x.shape[-1]),
+      name=name)
+  return layer(x)
+
+
+def group_norm(x: jax.Array, name: str, *, epsilon: float, num_groups: int = 32) -> jax.Array:
+  """GroupNorm with statistics always in float32, returning x's dtype.
+
+  The official UNet computes its norms in float32 (`GroupNorm32`), and under bf16 the statistics
+  over 256x256 VAE activations would otherwise lose precision. The variance uses the two-pass
+  formula (not E[x^2]-E[x]^2) to match PyTorch within float32 round-off.
+  """
+  layer = nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=jnp.float32,
+                       use_fast_variance=False, name=name)
+  return layer(x.astype(jnp.float32)).astype(x.dtype)
+
+
+def upsample_nearest_2x(x: jax.Array) -> jax.Array:
+  """Nearest-neighbour x2 upsampling of an NHWC tensor (torch interpolate mode='nearest')."""
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def avg_pool_2x(x: jax.Array) -> jax.Array:
+  """2x2 average pooling with stride 2 of an NHWC tensor (torch AvgPool2d(2, 2))."""
+  return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")

@@ -1,0 +1,98 @@
+"""Converted-weight artifacts: one `.npz` file of float32 arrays plus a JSON metadata entry.
+
+A flat npz (paths joined by '/') is readable by numpy alone, needs no pickle (loaded with
+`allow_pickle=False`) and is written atomically (temporary file + rename), so an interrupted
+conversion never leaves a half-written artifact behind.
+"""
+
+import json
+import os
+import pathlib
+import tempfile
+from typing import Any, Dict, Mapping, Tuple
+
+import jax
+import numpy as np
+
+_META_KEY = "__meta__"
+
+
+class ArtifactError(ValueError):
+  """A converted-weights file is missing, corrupt or does not fit the configured model."""
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, np.ndarray]:
+  flat = {}
+  for name, value in tree.items():
+    path = f"{prefix}/{name}" if prefix else name
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, path))
+    else:
+      flat[path] = np.asarray(value)
+  return flat
+
+
+def _unflatten(flat: Mapping[str, np.ndarray]) -> Dict[str, Any]:
+  tree: Dict[str, Any] = {}
+  for path, value in flat.items():
+    node = tree
+    *parents, leaf = path.split("/")
+    for name in parents:
+      node = node.setdefault(name, {})
+    node[leaf] = value
+  return tree
+
+
+def save(path: os.PathLike, tree: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+  """Writes `tree` (nested dicts of arrays) and `meta` (JSON-serialisable) atomically."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  arrays = _flatten(tree)
+  arrays[_META_KEY] = np.frombuffer(json.dumps(dict(meta)).encode(), np.uint8)
+  fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, **arrays)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def load(path: os.PathLike) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+  """Reads an artifact written by `save`: (tree of numpy arrays, metadata)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ArtifactError(f"{path}: converted weights not found")
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      flat = {key: npz[key] for key in npz.files}
+  except Exception as e:  # zipfile/numpy raise several types for corrupt files.
+    raise ArtifactError(f"{path}: not a readable sdseg_jax weights file ({e})") from None
+  if _META_KEY not in flat:
+    raise ArtifactError(f"{path}: no metadata; not written by sdseg_jax.convert")
+  meta = json.loads(flat.pop(_META_KEY).tobytes().decode())
+  return _unflatten(flat), meta
+
+
+def check_fits(tree: Any, abstract: Any, what: str, path: os.PathLike) -> None:
+  """Raises ArtifactError unless `tree` has exactly the structure and shapes of `abstract`."""
+  got = {k: v.shape for k, v in _flatten(tree).items()}
+  want = {k: tuple(v.shape) for k, v in _flatten(
+      jax.tree_util.tree_map(lambda x: x, abstract)).items()}
+  missing = sorted(set(want) - set(got))
+  unexpected = sorted(set(got) - set(want))
+  wrong = sorted(k for k in set(want) & set(got) if tuple(got[k]) != want[k])
+  if missing or unexpected or wrong:
+    details = []
+    if missing:
+      details.append(f"missing {missing[:3]}")
+    if unexpected:
+      details.append(f"unexpected {unexpected[:3]}")
+    if wrong:
+      details.append("shape mismatch " + ", ".join(
+          f"{k}: file {tuple(got[k])} vs model {want[k]}" for k in wrong[:3]))
+    raise ArtifactError(f"{path}: {what} weights do not fit the configured model: "
+                        + "; ".join(details))
