@@ -85,7 +85,8 @@ def find_cases(root: pathlib.Path) -> tuple[dict[str, volumes.Case], list[str], 
   return cases, no_label, no_image
 
 
-def propose_split(data_config) -> dict[str, list[str]]:
+def propose_split(data_config, names: list[str] | None = None) -> dict[str, list[str]]:
+  del names  # fixed published volume lists
   if data_config.split != "transunet":
     raise ValueError(f"unknown BTCV split scheme {data_config.split!r} (transunet)")
   out = splits_lib.seeded_partition([f"case{i}" for i in TRAIN_IDS],
@@ -105,7 +106,7 @@ def make_source(data_config, split: str, split_dir: pathlib.Path) -> volumes.Vol
   info = {"dataset": "btcv", "split": data_config.split, "seed": int(data_config.split_seed),
           "val_size": int(data_config.val_size)}
   splits = splits_lib.resolve_splits(split_dir, list(cases),
-                                     lambda: propose_split(data_config), info)
+                                     lambda: propose_split(data_config, list(cases)), info)
   scheme = data_config.get("labels", "synapse8")
   window = volumes.Window(float(data_config.hu_min), float(data_config.hu_max), minmax=False)
   return volumes.VolumeSliceSource(

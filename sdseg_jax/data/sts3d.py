@@ -59,7 +59,8 @@ def find_cases(root: pathlib.Path) -> tuple[dict[str, volumes.Case], list[str], 
                           f"and [labelled/]label/*.nii.gz")
 
 
-def propose_split(data_config) -> dict[str, list[str]]:
+def propose_split(data_config, names: list[str] | None = None) -> dict[str, list[str]]:
+  del names  # fixed published volume lists
   if data_config.split != "sdseg":
     raise ValueError(f"unknown STS-3D split scheme {data_config.split!r} (sdseg)")
   out = splits_lib.seeded_partition(list(TRAIN_IDS), {"val": int(data_config.val_size)},
@@ -73,7 +74,7 @@ def make_source(data_config, split: str, split_dir: pathlib.Path) -> volumes.Vol
   info = {"dataset": "sts3d", "split": data_config.split, "seed": int(data_config.split_seed),
           "val_size": int(data_config.val_size)}
   splits = splits_lib.resolve_splits(split_dir, list(cases),
-                                     lambda: propose_split(data_config), info)
+                                     lambda: propose_split(data_config, list(cases)), info)
   level, width = float(data_config.window_level), float(data_config.window_width)
   window = volumes.Window(level - width / 2, level + width / 2, minmax=True)
   clean = bool(data_config.get("clean_labels", False))
