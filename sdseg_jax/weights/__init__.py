@@ -1,0 +1,1 @@
+"""Reading official PyTorch weights (SDSeg, LDM, kl-f8) without torch."""
