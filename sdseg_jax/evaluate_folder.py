@@ -1,4 +1,4 @@
-"""Scores a folder of predicted masks against a folder of ground truths (nnU-Net evaluate-folder style).
+"""Scores a folder of predicted masks against ground truths, like nnU-Net's evaluate-folder.
 
   python -m sdseg_jax.evaluate_folder --pred DIR --gt DIR [--json FILE]
       [--empty-convention official|both_empty_is_one] [--assd-mode pooled|mean_of_directed]
@@ -18,7 +18,8 @@ internally, `null` in the JSON, and left out of the means ("count" says how many
 The JSON:
   {"mean": {"dice", "iou", "hd95", "assd"}, "std": {...}, "count": {...}, "n_cases": N,
    "cases": {name: {"dice", "iou", "hd95", "assd"}}, "empty_masks": {name: "pred"|"gt"|"both"},
-   "convention": ..., "assd_mode": ..., "distance_units": ..., "extra_predictions": [...], "notes": ...}
+   "convention": ..., "assd_mode": ..., "distance_units": ..., "extra_predictions": [...],
+   "notes": ...}
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ def _index_folder(folder: pathlib.Path) -> dict[str, pathlib.Path]:
     index[name] = path
   if duplicates:
     listing = "; ".join(", ".join(files) for files in duplicates.values())
-    raise EvaluationError(f"{folder}: several files share a case name (only the extension differs): "
-                          f"{listing}")
+    raise EvaluationError(f"{folder}: several files share a case name (only the extension "
+                          f"differs): {listing}")
   return index
 
 
@@ -236,8 +237,8 @@ def format_table(result: dict[str, Any]) -> str:
   for name in names:
     row = result["cases"][name]
     note = f"  (empty: {result['empty_masks'][name]})" if name in result["empty_masks"] else ""
-    lines.append(f"{name:<{width}}  " + "  ".join(f"{_fmt(row[m]):>8}" for m in metrics.METRIC_NAMES)
-                 + note)
+    cells = "  ".join(f"{_fmt(row[m]):>8}" for m in metrics.METRIC_NAMES)
+    lines.append(f"{name:<{width}}  {cells}{note}")
   lines.append("-" * len(header))
   for label in ("mean", "std"):
     lines.append(f"{label:<{width}}  "

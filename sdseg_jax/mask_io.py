@@ -1,8 +1,8 @@
 """Reading and writing segmentation masks, label maps and probability maps.
 
 Why this module exists: evaluation must accept whatever the user (or another method) saved —
-0/255 PNGs, JPEG masks with compression noise, RGB masks, 16-bit TIFFs, float maps, NIfTI volumes —
-and turn each into the *same* boolean mask the metrics expect. The rules, in one place:
+0/255 PNGs, JPEG masks with compression noise, RGB masks, 16-bit TIFFs, float maps, NIfTI
+volumes — and turn each into the *same* boolean mask the metrics expect. The rules, in one place:
 
 * 2D images (PNG/JPG/BMP/TIFF, via Pillow) are binarised at half their value range:
   uint8 > 127, uint16 (and Pillow's 32-bit "I" mode used for 16-bit files) > 32767,

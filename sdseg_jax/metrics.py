@@ -32,7 +32,8 @@ METRIC_NAMES = ("dice", "iou", "hd95", "assd")
 
 def _check_convention(empty_convention: str) -> None:
   if empty_convention not in EMPTY_CONVENTIONS:
-    raise ValueError(f"empty_convention must be one of {EMPTY_CONVENTIONS}, got {empty_convention!r}")
+    raise ValueError(f"empty_convention must be one of {EMPTY_CONVENTIONS}, "
+                     f"got {empty_convention!r}")
 
 
 def _binary_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,8 @@ segmentation papers and the numbers people compare against are almost always pro
   (`distance_transform_edt(..., sampling=spacing)`), so anisotropic voxels are handled exactly;
 * HD95 = 95th percentile (numpy's default linear interpolation) of the union of both directed sets;
 * ASD(A, B) = mean of d(A -> B);
-* ASSD = mean of the *pooled* set d(A -> B) ∪ d(B -> A), i.e. (Σ d(A->B) + Σ d(B->A)) / (|S_A| + |S_B|).
+* ASSD = mean of the *pooled* set d(A -> B) ∪ d(B -> A),
+  i.e. (Σ d(A->B) + Σ d(B->A)) / (|S_A| + |S_B|).
   This is what medpy 0.5.x computes (verified against medpy 0.5.2 as a black box) and the textbook
   definition (Heimann et al. 2009). Older medpy releases (0.4.x) returned the mean of the two
   directed means, (ASD(A, B) + ASD(B, A)) / 2, which differs whenever the two surfaces have

@@ -225,7 +225,8 @@ def test_nifti_folder_uses_header_spacing(tmp_path):
   assert result["cases"]["vol1"]["hd95"] == pytest.approx(want["hd95"])
   assert result["cases"]["vol1"]["hd95"] == pytest.approx(2.5)
   voxels = ef.evaluate_folder(pred_dir, gt_dir, use_spacing=False)
-  assert voxels["cases"]["vol1"]["hd95"] == pytest.approx(1.0) and voxels["distance_units"] == "pixels"
+  assert voxels["cases"]["vol1"]["hd95"] == pytest.approx(1.0)
+  assert voxels["distance_units"] == "pixels"
 
 
 def test_evaluate_pairs_with_arrays():

@@ -1,4 +1,4 @@
-"""Tests for sdseg_jax.image_similarity against skimage, a naive windowed reference, and hand values."""
+"""Tests for sdseg_jax.image_similarity: skimage, a naive windowed reference, hand values."""
 
 import math
 

@@ -13,8 +13,8 @@ from sdseg_jax import plots
 def _write_log(path, n=40, truncated_tail=True):
   lines = []
   for step in range(0, n * 50, 50):
-    record = {"step": step, "train/loss": 1.0 / (1 + step / 100), "train/loss_noise": 0.5 / (1 + step),
-              "train/loss_latent": 0.3 / (1 + step / 10)}
+    record = {"step": step, "train/loss": 1.0 / (1 + step / 100),
+              "train/loss_noise": 0.5 / (1 + step), "train/loss_latent": 0.3 / (1 + step / 10)}
     if step % 500 == 0:
       record.update({"eval/dice": 0.5 + step / 10000, "eval/iou": 0.4 + step / 10000})
     lines.append(json.dumps(record))
