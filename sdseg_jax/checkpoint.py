@@ -1,0 +1,512 @@
+"""Training checkpoints (orbax) and the standalone inference bundle.
+
+A training checkpoint is one orbax step directory `<directory>/<step>/` with three items:
+
+  state/   the train-state pytree (params, EMA params, optimizer state, step, PRNG key), written
+           by `StandardSave` as sharded tensorstore/OCDBT arrays. Restore reads it straight into
+           the shardings of an *abstract* state built for the CURRENT mesh, so a run saved on 8
+           devices resumes on 4, on a (2, 4) mesh or on another host count. Typed PRNG keys
+           (`jax.random.key`) are stored by orbax as their key data and rewrapped on restore.
+  data/    the grain iterator state, one `process_<i>-of-<n>.json` per process (grain's own orbax
+           handler), because every process reads a different shard of the data.
+  meta/    small JSON: the caller's `extra` (scale_factor, config, ...) and all `metrics`.
+  metrics/ orbax's copy of the metrics when they contain `best_metric` (used for "best").
+
+Why these choices:
+  * Atomicity comes from orbax: a step is written into `<step>.orbax-checkpoint-tmp-*` and renamed
+    (or, on object stores, marked by `commit_success.txt`) only after every item of every process
+    is complete. Listing ignores temporary directories, and leftovers of a crashed save are removed
+    in the background by the next `Checkpointer` on the directory (at the latest before its first
+    save), so a crash mid-save leaves the previous checkpoint as the latest restorable one.
+  * Retention is an orbax preservation policy, `LatestN(keep_last)` OR `BestN(n=1)`: the newest
+    `keep_last` steps survive whatever their metrics, and the best step by `best_metric` is never
+    deleted. A checkpoint saved without that metric counts only towards "last".
+  * Restore checks the stored tree structure and shapes against the abstract state *before*
+    reading arrays, and turns every failure (missing or truncated files, wrong structure, wrong
+    shapes, missing data state) into `CheckpointError` naming the step directory. A resume must
+    never silently fall back to training from scratch.
+  * Frozen weights (the VAE) are not part of the train state, so they are never checkpointed.
+
+Multi-host: every process must call `save`, `restore`, `wait_until_finished`, `close` and
+`export_inference` with the same arguments, in the same order. Orbax synchronises the processes,
+each process writes the array shards it owns and its own data-iterator file, and only the primary
+process (0) writes the JSON metadata (`meta`, `metrics`, orbax's step metadata) and the inference
+bundle.
+
+Async saves: with `async_save=True`, `save` returns once device arrays are copied to host memory,
+and the files are written in a background thread; the caller may then donate or overwrite the
+state. A process that exits (for example on SIGTERM) before `wait_until_finished()`/`close()` loses
+only the step in flight; call `close()` on shutdown and use `reached_preemption` to save on
+preemption notices.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+from absl import logging
+import grain.checkpoint as grain_checkpoint
+import jax
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
+import numpy as np
+import orbax.checkpoint as ocp
+
+from sdseg_jax.weights import artifacts
+
+_STATE = "state"
+_DATA = "data"
+_META = "meta"
+_INFERENCE_FORMAT = "sdseg_jax.inference"
+_INFERENCE_VERSION = 1
+
+
+class CheckpointError(ValueError):
+  """A checkpoint is missing, corrupt, unfinished, or does not fit the requested state."""
+
+
+class _DataStateHolder:
+  """Presents a saved iterator state as the iterator object grain's orbax handler expects.
+
+  grain's `CheckpointHandler` calls `get_state()` / `set_state()` / `start_prefetch()` on a live
+  iterator. Passing the state *value* instead keeps `Checkpointer` independent of how the lead
+  builds its loader, and lets `restore` hand the state back before the loader exists. The value
+  is wrapped in a small JSON envelope so bytes (DataLoaderIterator) and dicts (DatasetIterator)
+  both round-trip to their original type.
+  """
+
+  def __init__(self, value: Any = None):
+    self.value = value
+
+  def get_state(self) -> bytes:
+    if isinstance(self.value, (bytes, bytearray)):
+      envelope = {"kind": "bytes", "value": base64.b64encode(bytes(self.value)).decode("ascii")}
+    elif isinstance(self.value, str):
+      envelope = {"kind": "str", "value": self.value}
+    else:
+      envelope = {"kind": "json", "value": self.value}
+    return json.dumps(envelope).encode()
+
+  def set_state(self, state: bytes) -> None:
+    envelope = json.loads(state.decode())
+    kind, value = envelope["kind"], envelope["value"]
+    if kind == "bytes":
+      self.value = base64.b64decode(value)
+    elif kind in ("str", "json"):
+      self.value = value
+    else:
+      raise ValueError(f"unknown data-state kind {kind!r}")
+
+  def start_prefetch(self) -> None:
+    """Called by grain's handler after `set_state`; there is nothing to prefetch here."""
+
+
+def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
+  """Key path as plain names, so a dataclass field, a NamedTuple field and a dict key compare
+  equal (orbax stores dataclasses and NamedTuples as dicts, tuples as lists)."""
+  names = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        names.append(str(getattr(key, attr)))
+        break
+    else:
+      names.append(str(key))
+  return tuple(names)
+
+
+def _stored_shape(leaf: Any) -> tuple[int, ...] | None:
+  """Shape as orbax stores the leaf: PRNG key arrays are stored as their key data."""
+  if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+    return None
+  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    return tuple(jax.eval_shape(jax.random.key_data,
+                                jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)).shape)
+  return tuple(leaf.shape)
+
+
+def _as_abstract(leaf: Any) -> Any:
+  """Concrete arrays are accepted as targets too; orbax only needs shape, dtype and sharding."""
+  if isinstance(leaf, jax.Array):
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+  return leaf
+
+
+def _describe(error: Exception, limit: int = 600) -> str:
+  """One-line cause for a CheckpointError; tensorstore errors embed kilobytes of spec JSON (the
+  full error stays attached as `__cause__`)."""
+  text = f"{type(error).__name__}: {error}"
+  return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _json_metric(value: Any) -> Any:
+  """Metrics may be device or numpy scalars; the metrics files are JSON."""
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+    value = np.asarray(value)
+    return value.item() if value.ndim == 0 else value.tolist()
+  return value
+
+
+class Checkpointer:
+  """Saves and restores train state + data-iterator state + JSON metadata with orbax.
+
+  Usage (every process runs the same code)::
+
+    with Checkpointer(workdir / "ckpt", keep_last=3) as ckpt:
+      if ckpt.latest_step() is not None:
+        state, data_state, extra = ckpt.restore(abstract_state)
+        if data_state is not None:
+          train_iter.set_state(data_state)
+      ...
+      ckpt.save(step, state, data_state=train_iter.get_state(),
+                metrics={"eval/dice": dice}, extra={"scale_factor": sf})
+  """
+
+  def __init__(self,
+               directory: os.PathLike | str,
+               *,
+               keep_last: int = 3,
+               keep_best: bool = True,
+               best_metric: str = "eval/dice",
+               best_mode: str = "max",
+               async_save: bool = True):
+    if keep_last < 1:
+      raise ValueError(f"keep_last must be >= 1 (the latest step is needed to resume), "
+                       f"got {keep_last}")
+    if best_mode not in ("max", "min"):
+      raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+    self._directory = pathlib.Path(directory)
+    self._best_metric = best_metric
+    self._best_mode = best_mode
+
+    # Best is always *tracked* (so `best_step()` works and orbax writes the metrics item); it is
+    # only *preserved* beyond the last `keep_last` steps when keep_best is set.
+    policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=keep_last)]
+    if keep_best:
+      policies.append(ocp.checkpoint_managers.BestN(
+          get_metric_fn=self._metric_value, reverse=(best_mode == "min"), n=1,
+          keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        best_fn=self._metric_value,
+        best_mode=best_mode,
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+        create=True,
+    )
+    self._manager = ocp.CheckpointManager(
+        self._directory,
+        options=options,
+        item_handlers={
+            _STATE: ocp.StandardCheckpointHandler(),
+            _DATA: grain_checkpoint.CheckpointHandler(),
+            _META: ocp.JsonCheckpointHandler(),
+        },
+    )
+
+  def _metric_value(self, metrics: Mapping[str, Any]) -> float:
+    # Orbax only receives metrics that contain a finite `best_metric` (see `save`).
+    return float(metrics[self._best_metric])
+
+  @property
+  def directory(self) -> pathlib.Path:
+    return self._directory
+
+  def latest_step(self) -> int | None:
+    """Newest step, or None when the directory holds no finished checkpoint.
+
+    Includes a step whose async save is still in flight (`restore` waits for it to commit).
+    """
+    return self._manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """Step with the best `best_metric` among kept checkpoints, or None if none has it."""
+    return self._manager.best_step()
+
+  def all_steps(self) -> list[int]:
+    """Committed steps, ascending; temporary (unfinished) step directories are not listed."""
+    return sorted(self._manager.all_steps())
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every process once a preemption notice has been agreed (multi-host jobs)."""
+    return self._manager.reached_preemption(step)
+
+  def save(self,
+           step: int,
+           state: Any,
+           *,
+           data_state: Any = None,
+           metrics: Mapping[str, Any] | None = None,
+           extra: Mapping[str, Any] | None = None,
+           force: bool = False) -> None:
+    """Starts saving `state` (and the optional data state and metadata) as `step`.
+
+    Args:
+      step: training step; steps must increase. A step not after the latest saved one is skipped
+        (logged) unless `force`, which still refuses to overwrite an existing step.
+      state: the train-state pytree of jax.Arrays (any sharding).
+      data_state: `iterator.get_state()` of this process's grain iterator (bytes, str or a
+        JSON-serialisable value); each process stores its own.
+      metrics: scalar metrics; `best_metric`, when present and finite, ranks the checkpoint.
+      extra: small JSON-serialisable metadata returned by `restore` (scale_factor, config, ...).
+      force: save even if orbax's save-decision policy would skip this step.
+
+    With `async_save`, files are written in the background; errors of that write surface from
+    the next `save`, `wait_until_finished` or `close`.
+    """
+    step = int(step)
+    metrics = {str(k): _json_metric(v) for k, v in (metrics or {}).items()}
+    extra = dict(extra or {})
+    try:
+      json.dumps(extra)
+      json.dumps(metrics)
+    except TypeError as e:
+      raise ValueError(f"save(step={step}): extra/metrics must be JSON-serialisable: {e}") from e
+    ranked = metrics.get(self._best_metric)
+    rank_metrics = None
+    if isinstance(ranked, (int, float)) and math.isfinite(ranked):
+      rank_metrics = {self._best_metric: float(ranked)}
+
+    items = {
+        _STATE: ocp.args.StandardSave(state),
+        _META: ocp.args.JsonSave({"extra": extra, "metrics": metrics}),
+    }
+    if data_state is not None:
+      items[_DATA] = grain_checkpoint.CheckpointSave(_DataStateHolder(data_state))
+    try:
+      saved = self._manager.save(step, args=ocp.args.Composite(**items), metrics=rank_metrics,
+                                 force=force)
+    except ocp.checkpoint_manager.StepAlreadyExistsError as e:
+      raise CheckpointError(f"{self._step_dir(step)}: step {step} already exists; checkpoints "
+                            "are never overwritten") from e
+    if not saved:
+      logging.info("Checkpoint save of step %d skipped (latest step is %s).", step,
+                   self.latest_step())
+
+  def _step_dir(self, step: int) -> pathlib.Path:
+    return self._directory / str(step)
+
+  def _resolve_step(self, step: int | str | None) -> int:
+    if step is None or step == "latest":
+      resolved = self.latest_step()
+      if resolved is None:
+        raise CheckpointError(f"{self._directory}: no finished checkpoint to restore")
+      return resolved
+    if step == "best":
+      resolved = self.best_step()
+      if resolved is None:
+        raise CheckpointError(f"{self._directory}: no checkpoint carries the metric "
+                              f"{self._best_metric!r}, so there is no 'best' step")
+      return resolved
+    if isinstance(step, str):
+      raise ValueError(f"step must be an int, None, 'latest' or 'best', got {step!r}")
+    if int(step) not in self.all_steps():
+      raise CheckpointError(f"{self._step_dir(int(step))}: step {step} not found; available "
+                            f"steps: {self.all_steps()}")
+    return int(step)
+
+  def _check_fits(self, step: int, abstract_state: Any) -> None:
+    """Compares the stored tree (structure and shapes) with the abstract state, leaf by leaf.
+
+    Orbax would catch a shape mismatch itself, but only one array at a time and deep inside
+    tensorstore; a structure mismatch (e.g. a different optimizer) gives cryptic errors. This
+    reads only metadata and reports all differences with their paths.
+    """
+    where = self._step_dir(step)
+    try:
+      stored = self._manager.item_metadata(step)[_STATE]
+    except Exception as e:  # Missing/corrupt metadata surfaces as various orbax/OS errors.
+      raise CheckpointError(f"{where}: cannot read the state metadata of step {step} "
+                            f"({_describe(e)})") from e
+    if stored is None:
+      raise CheckpointError(f"{where}: step {step} has no readable '{_STATE}' item")
+    stored_tree = getattr(stored, "tree", stored)
+    stored_shapes = {_path_names(p): tuple(getattr(leaf, "shape", ()) or ())
+                     for p, leaf in jax.tree_util.tree_flatten_with_path(stored_tree)[0]}
+    wanted_shapes = {_path_names(p): _stored_shape(leaf)
+                     for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    missing = sorted(set(wanted_shapes) - set(stored_shapes))
+    unexpected = sorted(set(stored_shapes) - set(wanted_shapes))
+    wrong = sorted(k for k in set(wanted_shapes) & set(stored_shapes)
+                   if wanted_shapes[k] is not None and wanted_shapes[k] != stored_shapes[k])
+    if missing or unexpected or wrong:
+      details = []
+      if missing:
+        details.append(f"{len(missing)} leaves missing from the checkpoint, e.g. "
+                       f"{['/'.join(k) for k in missing[:3]]}")
+      if unexpected:
+        details.append(f"{len(unexpected)} unexpected leaves in the checkpoint, e.g. "
+                       f"{['/'.join(k) for k in unexpected[:3]]}")
+      if wrong:
+        details.append("shape mismatch " + ", ".join(
+            f"{'/'.join(k)}: checkpoint {stored_shapes[k]} vs expected {wanted_shapes[k]}"
+            for k in wrong[:3]))
+      raise CheckpointError(f"{where}: step {step} does not fit the requested state: "
+                            + "; ".join(details))
+
+  def restore(self,
+              abstract_state: Any,
+              *,
+              step: int | str | None = None,
+              restore_data_state: bool = True) -> tuple[Any, Any, dict[str, Any]]:
+    """Restores a checkpoint into the shardings of `abstract_state`.
+
+    Args:
+      abstract_state: pytree of `jax.ShapeDtypeStruct` with `sharding` set for the CURRENT mesh
+        (concrete jax.Arrays are accepted and only their shape/dtype/sharding are used). Dtypes
+        may differ from the stored ones; orbax casts.
+      step: None or "latest", "best" (by `best_metric`), or an int step.
+      restore_data_state: set False to skip the iterator state, e.g. after changing the number of
+        processes (each process's data state is stored under its process index and count).
+
+    Returns:
+      (state, data_state or None, extra dict).
+
+    Raises:
+      CheckpointError: naming the step directory, if the step is missing, unfinished, corrupt or
+        does not fit `abstract_state`.
+    """
+    # A step whose async save is still in flight is listed but not yet committed.
+    self._manager.wait_until_finished()
+    step = self._resolve_step(step)
+    where = self._step_dir(step)
+    abstract_state = jax.tree_util.tree_map(_as_abstract, abstract_state)
+    unsharded = [jax.tree_util.keystr(p) for p, leaf in
+                 jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+                 if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None]
+    if unsharded:
+      raise ValueError(f"abstract_state leaves need a target sharding for the current mesh; "
+                       f"missing for {unsharded[:3]} ({len(unsharded)} leaves)")
+    self._check_fits(step, abstract_state)
+    has_data = (where / _DATA).is_dir()
+    holder = _DataStateHolder()
+    items = {_STATE: ocp.args.StandardRestore(abstract_state), _META: ocp.args.JsonRestore()}
+    if has_data and restore_data_state:
+      items[_DATA] = grain_checkpoint.CheckpointRestore(holder)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # Corruption surfaces as OSError, ValueError, tensorstore errors...
+      raise CheckpointError(f"{where}: failed to restore step {step} ({_describe(e)})") from e
+    meta = restored[_META]
+    if not isinstance(meta, Mapping) or "extra" not in meta:
+      raise CheckpointError(f"{where}: step {step} has malformed '{_META}' metadata: {meta!r}")
+    data_state = holder.value if (has_data and restore_data_state) else None
+    return restored[_STATE], data_state, dict(meta["extra"])
+
+  def wait_until_finished(self) -> None:
+    """Blocks until the in-flight async save is committed (re-raises its error, if any)."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for the in-flight save and releases orbax's threads."""
+    self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference bundle.
+
+
+def _to_host(tree: Any) -> Any:
+  """Gathers (possibly multi-host sharded) arrays to full numpy arrays on every process.
+
+  bfloat16 is widened to float32 (exact) because the npz bundle is read with numpy alone.
+  """
+  def leaf_to_host(x: Any) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      x = multihost_utils.process_allgather(x, tiled=True)
+    x = np.asarray(x)
+    if x.dtype == jnp.bfloat16:
+      x = x.astype(np.float32)
+    return x
+  return jax.tree_util.tree_map(leaf_to_host, tree)
+
+
+def _sha256(path: pathlib.Path) -> str:
+  digest = hashlib.sha256()
+  with path.open("rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def export_inference(path: os.PathLike | str,
+                     *,
+                     unet_params: Mapping[str, Any],
+                     vision_encoder_params: Mapping[str, Any],
+                     scale_factor: float,
+                     model_config_json: str,
+                     vae_reference: str) -> None:
+  """Writes the small standalone inference bundle: one npz file, atomically.
+
+  It holds the (EMA) UNet and vision-encoder parameters, the latent scale factor and the model
+  config, but NOT the frozen VAE weights (hundreds of MB, shared by all runs) and no optimizer
+  state: only `vae_reference` (a path or name) and, when it is a local file, its SHA-256 so a
+  later load can detect a swapped VAE. Params are nested mappings of arrays (linen-style dicts).
+
+  All processes must call this (sharded params are gathered collectively); process 0 writes.
+  """
+  try:
+    json.loads(model_config_json)
+  except (TypeError, json.JSONDecodeError) as e:
+    raise ValueError(f"model_config_json is not valid JSON: {e}") from e
+  tree = {"unet": _to_host(unet_params), "vision_encoder": _to_host(vision_encoder_params)}
+  if jax.process_index() == 0:
+    vae_file = pathlib.Path(vae_reference)
+    meta = {
+        "format": _INFERENCE_FORMAT,
+        "version": _INFERENCE_VERSION,
+        "scale_factor": float(scale_factor),
+        "model_config_json": model_config_json,
+        "vae_reference": str(vae_reference),
+        "vae_sha256": _sha256(vae_file) if vae_file.is_file() else None,
+    }
+    artifacts.save(path, tree, meta)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"sdseg_jax.export_inference:{path}")
+
+
+def load_inference(path: os.PathLike | str) -> dict[str, Any]:
+  """Reads a bundle written by `export_inference`.
+
+  Returns:
+    dict with unet_params, vision_encoder_params (nested dicts of numpy arrays), scale_factor,
+    model_config_json, vae_reference, vae_sha256 (None if the VAE was not a local file).
+
+  Raises:
+    CheckpointError: naming the file, if it is missing, unreadable or not an inference bundle.
+  """
+  try:
+    tree, meta = artifacts.load(path)
+  except artifacts.ArtifactError as e:
+    raise CheckpointError(f"inference bundle {e}") from e
+  if meta.get("format") != _INFERENCE_FORMAT:
+    raise CheckpointError(f"{path}: not an sdseg_jax inference bundle "
+                          f"(format {meta.get('format')!r})")
+  if meta.get("version") != _INFERENCE_VERSION:
+    raise CheckpointError(f"{path}: inference bundle version {meta.get('version')!r}, this code "
+                          f"reads version {_INFERENCE_VERSION}")
+  missing = [k for k in ("unet", "vision_encoder") if k not in tree]
+  missing += [k for k in ("scale_factor", "model_config_json", "vae_reference") if k not in meta]
+  if missing:
+    raise CheckpointError(f"{path}: inference bundle is missing {missing}")
+  return {
+      "unet_params": tree["unet"],
+      "vision_encoder_params": tree["vision_encoder"],
+      "scale_factor": float(meta["scale_factor"]),
+      "model_config_json": meta["model_config_json"],
+      "vae_reference": meta["vae_reference"],
+      "vae_sha256": meta.get("vae_sha256"),
+  }
