@@ -147,3 +147,12 @@ def test_float_images_map_to_unit_range():
   assert out["image"].dtype == np.float32 and -1 <= out["image"].min() <= out["image"].max() <= 1
   assert set(np.unique(out["label"])) == {0, 3}  # multiclass keeps the label map
   assert out["slice"] == 1 and out["case"] == "v"
+
+
+def test_horizontal_only_and_no_flips(polyp_config, split_dir):
+  def patterns(flips):
+    c = polyp_config.copy_and_resolve_references()
+    c.flips = flips
+    it = _loader(c, split_dir)
+    return {m.tobytes() for _ in range(5) for m in next(it)["mask"][..., 0] > 0}
+  assert len(patterns("h")) == 2 and len(patterns("none")) == 1

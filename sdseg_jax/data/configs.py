@@ -22,7 +22,8 @@ def _common(name: str, root: str) -> ml_collections.ConfigDict:
   c.split_seed = 23              # seed of the proposed split (SDSeg's seed)
   c.val_size = 0                 # validation samples/volumes (held out from train, never test)
   c.test_size = 0                # test samples (schemes that draw the test set)
-  c.flip_prob = 0.5              # random H and V flip probability (train only)
+  c.flip_prob = 0.5              # probability of each random flip (train only)
+  c.flips = "hv"                 # hv: horizontal + vertical flips | h: horizontal only | none
   c.read_threads = 4             # grain read threads per process / worker
   c.prefetch = 2                 # batches buffered per grain worker process
   return c
@@ -59,6 +60,7 @@ def get_data_config(name: str, root: str = "") -> ml_collections.ConfigDict:
     c.window_level = 500.0       # CBCT window W1200/L500 -> clip [-100, 1100]
     c.window_width = 1200.0
     c.clean_labels = False       # drop label components < 64 voxels (train and test alike)
+    c.flips = "h"                # the official STS-3D loader flips horizontally only
     c.volume_cache_dir = ""      # decoded-volume cache; "" = <split_dir>/../volume_cache
   elif name == "synthetic":
     pass

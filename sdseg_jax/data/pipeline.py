@@ -53,7 +53,7 @@ def make_train_loader(data_config, *, split_dir: pathlib.Path, global_batch_size
   """Infinite iterator of host-local train batches {"image", "mask"}: f32 (b, S, S, 3).
 
   b = global_batch_size // process_count. Reads `data_config` fields image_size, interpolation,
-  target, flip_prob, read_threads, prefetch (and the source's own fields).
+  target, flip_prob, flips, read_threads, prefetch (and the source's own fields).
   """
   if global_batch_size % process_count:
     raise ValueError(f"global batch {global_batch_size} is not divisible by "
@@ -68,9 +68,12 @@ def make_train_loader(data_config, *, split_dir: pathlib.Path, global_batch_size
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
   ds = ds.map(_preprocess(data_config, train=True))
   flip_prob = float(data_config.get("flip_prob", 0.5))
-  if flip_prob > 0:
+  flips = data_config.get("flips", "hv")
+  if flips not in ("hv", "h", "none"):
+    raise ValueError(f"data.flips must be hv | h | none, got {flips!r}")
+  if flip_prob > 0 and flips != "none":
     # A different stream than the shuffle's: seed + 1 (both derive from the run seed).
-    ds = ds.random_map(transforms.RandomFlips(flip_prob), seed=seed + 1)
+    ds = ds.random_map(transforms.RandomFlips(flip_prob, vertical=flips == "hv"), seed=seed + 1)
   # Batching the random-access dataset (not the iterator) fixes batch k to elements
   # [k*b, (k+1)*b) of this process's share, so worker processes (which take whole batches in
   # turn) and read threads change only the speed, never the stream.

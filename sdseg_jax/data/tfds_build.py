@@ -32,9 +32,9 @@ from PIL import Image
 
 from sdseg_jax.data import base, configs, registry, splits as splits_lib
 
-# Fields that only affect resizing/augmentation/IO, not the stored records.
-_NOT_IN_KEY = {"root", "format", "tfds_data_dir", "image_size", "interpolation", "target",
-               "flip_prob", "read_threads", "prefetch", "volume_cache_dir", "split_lists_dir"}
+# The data fields that change the stored records (resizing, augmentation and IO fields do not).
+_KEY_FIELDS = ("name", "split", "split_seed", "val_size", "test_size", "layout", "labels",
+               "hu_min", "hu_max", "window_level", "window_width", "clean_labels")
 VOLUME_SETS = ("btcv", "sts3d")
 
 
@@ -44,7 +44,7 @@ def _tfds():
 
 
 def config_key(data_config) -> str:
-  fields = {k: v for k, v in data_config.to_dict().items() if k not in _NOT_IN_KEY}
+  fields = {k: data_config[k] for k in _KEY_FIELDS if k in data_config}
   return "k" + hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 

@@ -121,11 +121,13 @@ def flip(element: Element, horizontal: bool, vertical: bool) -> Element:
 
 
 class RandomFlips(grain.transforms.RandomMap):
-  """Random horizontal and vertical flips, each with probability `p`, shared by image and mask."""
+  """Random horizontal and (optionally) vertical flips, each with probability `p`, shared by
+  image and mask. Both coins are always drawn so the stream does not depend on `vertical`."""
 
-  def __init__(self, p: float = 0.5):
+  def __init__(self, p: float = 0.5, vertical: bool = True):
     self.p = float(p)
+    self.vertical = bool(vertical)
 
   def random_map(self, element: Element, rng: np.random.Generator) -> Element:
     h, v = rng.random(2) < self.p
-    return flip(element, bool(h), bool(v))
+    return flip(element, bool(h), bool(v) and self.vertical)
