@@ -130,7 +130,10 @@ class EvalLoader:
 
 def make_eval_loader(data_config, split: str, *, split_dir: pathlib.Path, batch_size: int,
                      process_index: int, process_count: int) -> EvalLoader:
-  """Deterministic pass over `split` (no flips, no shuffle), padded, with a `valid` mask."""
+  """Deterministic pass over `split` (no flips, no shuffle), padded, with a `valid` mask.
+
+  `batch_size` is PER PROCESS (host-local); the global eval batch is batch_size * process_count.
+  """
   source = registry.make_source(data_config, split, split_dir)
   return EvalLoader(source, _preprocess(data_config, train=False), batch_size, process_index,
                     process_count, int(data_config.get("read_threads", 4)))
