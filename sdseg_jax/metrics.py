@@ -43,18 +43,15 @@ def _binary_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarr
   return pred, gt
 
 
-def dice(pred: np.ndarray, gt: np.ndarray,
-         empty_convention: EmptyConvention = "official") -> float:
-  """Dice coefficient of two masks (values > 0 are foreground).
+def dice_from_counts(inter: int, p: int, g: int,
+                     empty_convention: EmptyConvention = "official") -> float:
+  """Dice from |P∩G|, |P|, |G|: what per-volume scoring accumulates slice by slice.
 
   official: pred non-empty & gt empty -> 1; both non-empty -> 2|P∩G|/(|P|+|G|+1e-10);
     pred empty -> 0 (also when gt is empty).
   both_empty_is_one: both empty -> 1; exactly one empty -> 0; else 2|P∩G|/(|P|+|G|).
   """
   _check_convention(empty_convention)
-  pred, gt = _binary_pair(pred, gt)
-  p, g = int(pred.sum()), int(gt.sum())
-  inter = int(np.logical_and(pred, gt).sum())
   if empty_convention == "official":
     if p > 0 and g == 0:
       return 1.0
@@ -66,22 +63,37 @@ def dice(pred: np.ndarray, gt: np.ndarray,
   return 2.0 * inter / (p + g)
 
 
-def iou(pred: np.ndarray, gt: np.ndarray,
-        empty_convention: EmptyConvention = "official") -> float:
-  """Intersection over union (Jaccard) of two masks (values > 0 are foreground).
+def iou_from_counts(inter: int, p: int, g: int,
+                    empty_convention: EmptyConvention = "official") -> float:
+  """IoU from |P∩G|, |P|, |G|.
 
-  official: |P∩G|/(|P∪G|+1e-10) with no special case, so both empty -> 0 and one empty -> 0.
-  both_empty_is_one: both empty -> 1; otherwise |P∩G|/|P∪G|.
+  official: |P∩G| / (|P∪G| + 1e-10), no special case (both empty -> 0).
+  both_empty_is_one: both empty -> 1, else |P∩G| / |P∪G|.
   """
   _check_convention(empty_convention)
-  pred, gt = _binary_pair(pred, gt)
-  inter = int(np.logical_and(pred, gt).sum())
-  union = int(np.logical_or(pred, gt).sum())
+  union = p + g - inter
   if empty_convention == "official":
     return inter / (union + EPS)
   if union == 0:
     return 1.0
   return inter / union
+
+
+def _counts(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int, int]:
+  pred, gt = _binary_pair(pred, gt)
+  return int(np.logical_and(pred, gt).sum()), int(pred.sum()), int(gt.sum())
+
+
+def dice(pred: np.ndarray, gt: np.ndarray,
+         empty_convention: EmptyConvention = "official") -> float:
+  """Dice coefficient of two masks (values > 0 are foreground); see `dice_from_counts`."""
+  return dice_from_counts(*_counts(pred, gt), empty_convention)
+
+
+def iou(pred: np.ndarray, gt: np.ndarray,
+        empty_convention: EmptyConvention = "official") -> float:
+  """Intersection over union of two masks (values > 0 are foreground); see `iou_from_counts`."""
+  return iou_from_counts(*_counts(pred, gt), empty_convention)
 
 
 def case_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Optional[Sequence[float]] = None,

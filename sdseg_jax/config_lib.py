@@ -1,0 +1,67 @@
+"""Checks of a training config that need no I/O and no JAX devices, run before anything starts.
+
+ml_collections already rejects unknown keys (configs are locked); this catches values that are
+individually valid but wrong for training, with a message that names the field.
+"""
+
+import json
+import pathlib
+
+import ml_collections
+
+from sdseg_jax.data import registry
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the field."""
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for the first invalid field."""
+  def need(ok: bool, message: str) -> None:
+    if not ok:
+      raise ConfigError(message)
+
+  need(config.data.name in registry.NAMES,
+       f"config.data.name={config.data.name!r} is not one of {registry.NAMES}")
+  need(config.data.name == "synthetic" or bool(config.data.root),
+       f"config.data.root is empty: set it to the {config.data.name} download folder")
+  need(config.train.global_batch_size > 0, "config.train.global_batch_size must be positive")
+  need(config.train.max_steps > 0, "config.train.max_steps must be positive")
+  need(config.eval.split in ("val", "test"), "config.eval.split must be 'val' or 'test'")
+  need(config.eval.split != "test",
+       "config.eval.split='test': model selection during training must never see the test "
+       "split (the official code's bug); evaluate on test afterwards with sdseg_jax.evaluate")
+  need(config.mesh.strategy in ("dp", "fsdp"), "config.mesh.strategy must be 'dp' or 'fsdp'")
+  need(config.model.compute_dtype in ("float32", "bfloat16", "float16"),
+       "config.model.compute_dtype must be float32, bfloat16 or float16")
+  need(config.model.vae.resolution == config.data.image_size,
+       f"config.model.vae.resolution ({config.model.vae.resolution}) must equal "
+       f"config.data.image_size ({config.data.image_size})")
+  latent = config.data.image_size // 2 ** (len(config.model.vae.ch_mult) - 1)
+  need(config.model.unet.image_size == latent,
+       f"config.model.unet.image_size ({config.model.unet.image_size}) must equal the latent "
+       f"size {latent} (image_size / 2^(len(ch_mult)-1))")
+  for section in ("eval", "checkpoint", "log"):
+    need(config[section].every_steps > 0, f"config.{section}.every_steps must be positive")
+  have_vae = bool(config.init.vae) or bool(config.init.sdseg) or config.init.pretrain_vae_steps > 0
+  need(have_vae, "no VAE weights: set config.init.vae to the converted kl-f8 .npz (see "
+       "`python -m sdseg_jax.convert --help`), config.init.sdseg to a converted SDSeg "
+       "checkpoint, or config.init.pretrain_vae_steps > 0")
+
+
+def dump(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """Writes WORKDIR/config.json (the resolved config of the run, for humans and evaluate)."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / "config.json"
+  tmp = path.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps(json.loads(config.to_json()), indent=1, sort_keys=True))
+  tmp.replace(path)
+
+
+def load(workdir: pathlib.Path) -> ml_collections.ConfigDict:
+  """The config a run was trained with (WORKDIR/config.json)."""
+  path = pathlib.Path(workdir) / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found: {workdir} is not an sdseg_jax run directory")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))

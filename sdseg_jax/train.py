@@ -1,0 +1,293 @@
+"""The SDSeg training loop, readable top to bottom.
+
+  config -> mesh -> data -> weights (VAE, UNet, vision encoder) -> state + shardings
+  -> compiled step -> loop (log, evaluate, checkpoint) -> export
+
+A workdir that already holds a checkpoint is resumed: the state AND the data iterator are
+restored, so the resumed run sees exactly the batches an uninterrupted run would have seen.
+SIGTERM (preemptible TPUs, SLURM requeue) finishes the current step, saves and exits cleanly.
+"""
+
+import logging
+import pathlib
+import signal
+import time
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from sdseg_jax import checkpoint as checkpoint_lib
+from sdseg_jax import config_lib
+from sdseg_jax import evaluator as evaluator_lib
+from sdseg_jax import logging_lib
+from sdseg_jax import optim
+from sdseg_jax import sharding as sharding_lib
+from sdseg_jax import state as state_lib
+from sdseg_jax import step as step_lib
+from sdseg_jax import vae_pretrain
+from sdseg_jax.data import pipeline
+from sdseg_jax.models import sdseg
+from sdseg_jax.weights import artifacts
+from sdseg_jax.weights import loading
+
+
+class _StopRequest:
+  """Turns SIGTERM into a flag checked between steps (all hosts stop at the same step)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      del frame
+      logging.warning("signal %d received: saving a checkpoint and stopping", signum)
+      self.requested = True
+    try:
+      self._previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. some test runners): no handler
+      self._previous = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def agreed(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    flags = multihost_utils.process_allgather(np.int32(self.requested))
+    return bool(np.any(flags))
+
+
+def _split_dir(workdir: pathlib.Path) -> pathlib.Path:
+  return workdir / "splits"
+
+
+def compute_scale_factor(model: sdseg.SDSeg, vae_params: Any, mask: jax.Array,
+                         rng: jax.Array) -> float:
+  """Official scale_by_std: 1 / std of posterior samples of the first batch's masks (ddof 1)."""
+  z = jax.jit(lambda v, m, k: model.encode_mask(v, m, jnp.float32(1.0), k))(vae_params, mask,
+                                                                            rng)
+  return float(1.0 / jnp.std(z, ddof=1))
+
+
+def _load_vae(config, model, workdir, mesh, abstract_vae, vae_sh, rng) -> Any:
+  """The frozen VAE: converted kl-f8, a converted SDSeg checkpoint, or the demo's pretraining."""
+  if config.init.vae:
+    return loading.place(loading.read(config.init.vae, "vae", abstract_vae, "kl-f8 VAE"), vae_sh)
+  if config.init.sdseg:
+    return loading.place(loading.read(config.init.sdseg, "vae", abstract_vae, "VAE"), vae_sh)
+  saved = vae_pretrain.saved_path(workdir)
+  if saved.is_file():
+    return loading.place(loading.read(str(saved), "vae", abstract_vae, "pretrained VAE"), vae_sh)
+  logging.info("no kl-f8 weights configured: pre-training the VAE on the training masks "
+               "for %d steps", config.init.pretrain_vae_steps)
+  vae = jax.jit(lambda k: model.init(k)[1], out_shardings=vae_sh)(rng)
+  batches = pipeline.make_train_loader(
+      config.data, split_dir=_split_dir(workdir),
+      global_batch_size=config.init.pretrain_vae_batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      seed=config.seed + 1000, worker_count=config.data.worker_count)
+  vae = vae_pretrain.pretrain_vae(model, vae, batches, steps=config.init.pretrain_vae_steps,
+                                  learning_rate=config.init.pretrain_vae_lr, mesh=mesh,
+                                  rng=jax.random.fold_in(rng, 1))
+  host = jax.tree_util.tree_map(np.asarray, multihost_utils.process_allgather(vae))
+  if jax.process_index() == 0:
+    artifacts.save(saved, {"vae": host}, {"kind": "pretrained_vae",
+                                          "steps": config.init.pretrain_vae_steps})
+  return vae
+
+
+def _initial_params(config, model, abstract_params, param_sh, vae_params, rng) -> Any:
+  """Trainable params: SDSeg checkpoint, or kl-f8 encoder copy + (LSUN) UNet, else random."""
+  params = jax.jit(lambda k: model.init(k)[0], out_shardings=param_sh)(rng)
+  if config.init.sdseg:
+    for key in ("unet", "vision_encoder"):
+      params[key] = loading.place(
+          loading.read(config.init.sdseg, key, abstract_params[key], f"SDSeg {key}"),
+          param_sh[key])
+    return params
+  # The vision encoder starts as a copy of the (frozen) VAE encoder; its 1x1 `out` stays random.
+  params["vision_encoder"]["encoder"] = jax.jit(
+      lambda e: jax.tree_util.tree_map(jnp.copy, e),
+      out_shardings=param_sh["vision_encoder"]["encoder"])(vae_params["encoder"])
+  if config.init.unet:
+    params["unet"] = loading.place(
+        loading.read(config.init.unet, "unet", abstract_params["unet"], "LDM UNet"),
+        param_sh["unet"])
+  else:
+    logging.warning("config.init.unet is empty: the UNet starts from random weights (the paper "
+                    "starts from LSUN-Churches)")
+  return params
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  """Trains (or resumes) a run in `workdir` up to config.train.max_steps; returns final metrics."""
+  workdir = pathlib.Path(workdir)
+  config_lib.validate(config)
+  if jax.process_index() == 0:
+    config_lib.dump(config, workdir)
+
+  # ---- mesh and model ---------------------------------------------------------------------------
+  mesh = sharding_lib.make_mesh(config.mesh)
+  sharding_lib.global_batch_size_check(config.train.global_batch_size, mesh)
+  model = sdseg.build(config.model)
+  tx = optim.make_optimizer(config)
+  rng = jax.random.key(config.seed)
+  logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
+               jax.process_count())
+
+  # ---- data -------------------------------------------------------------------------------------
+  if config.data.check_before_training:
+    from sdseg_jax.data import check  # pylint: disable=g-import-not-at-top
+    check.quick_check(config.data, _split_dir(workdir))
+  train_iter = pipeline.make_train_loader(
+      config.data, split_dir=_split_dir(workdir),
+      global_batch_size=config.train.global_batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count(), seed=config.seed,
+      worker_count=config.data.worker_count)
+  eval_loader = pipeline.make_eval_loader(
+      config.data, config.eval.split, split_dir=_split_dir(workdir),
+      batch_size=config.eval.batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count())
+
+  # ---- abstract state and shardings ------------------------------------------------------------
+  abstract_params, abstract_vae = jax.eval_shape(model.init, rng)
+  param_sh = sharding_lib.param_shardings(abstract_params, mesh, config.mesh.strategy)
+  vae_sh = jax.tree_util.tree_map(lambda _: sharding_lib.replicated(mesh), abstract_vae)
+  create = lambda p, s: state_lib.create(p, tx, jax.random.fold_in(rng, 7), s)
+  abstract_state = jax.eval_shape(create, abstract_params, jnp.float32(1))
+  state_sh = sharding_lib.param_shardings(abstract_state, mesh, config.mesh.strategy)
+  abstract_state_sh = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sh)
+
+  # ---- weights and state: resume, or initialise --------------------------------------------------
+  vae_params = _load_vae(config, model, workdir, mesh, abstract_vae, vae_sh,
+                         jax.random.fold_in(rng, 1))
+  ckpt = checkpoint_lib.Checkpointer(
+      workdir / "checkpoints", keep_last=config.checkpoint.keep_last,
+      keep_best=config.checkpoint.keep_best, async_save=config.checkpoint.async_save)
+  first_batch = None
+  if ckpt.latest_step() is not None:
+    state, data_state, _ = ckpt.restore(abstract_state_sh)
+    if data_state is not None:
+      train_iter.set_state(data_state)
+    logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
+  else:
+    params = _initial_params(config, model, abstract_params, param_sh, vae_params,
+                             jax.random.fold_in(rng, 2))
+    first_batch = next(train_iter)
+    scale = config.scale_factor
+    if config.init.sdseg and scale <= 0:
+      scale = float(artifacts.load(config.init.sdseg)[0]["scale_factor"])
+    if scale <= 0:
+      mask = sharding_lib.host_batch_to_global({"mask": first_batch["mask"]}, mesh)["mask"]
+      scale = compute_scale_factor(model, vae_params, mask, jax.random.fold_in(rng, 3))
+    logging.info("latent scale factor %.6g", scale)
+    state = jax.jit(create, out_shardings=state_sh)(params, jnp.float32(scale))
+
+  # ---- the compiled step ---------------------------------------------------------------------
+  abstract_vae_sh = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_vae, vae_sh)
+  train_step, stats = step_lib.compile_train_step(
+      model, tx, config, mesh, abstract_state_sh, state_sh, abstract_vae_sh, vae_sh,
+      config.data.image_size)
+  logging.info("train step compiled in %.1f s %s", stats["compile_seconds"],
+               {k: v for k, v in stats.items() if k != "compile_seconds"})
+  evaluator = evaluator_lib.Evaluator(model, mesh, eval_loader,
+                                      noise_seed=config.eval.noise_seed,
+                                      empty_convention=config.eval.empty_convention)
+
+  # ---- the loop -------------------------------------------------------------------------------
+  writer = logging_lib.MetricWriter(workdir, config.log.tensorboard)
+  writer.write(int(state.step), {"compile/train_step_seconds": stats["compile_seconds"]})
+  progress = _progress_bar(config, int(state.step))
+  last_eval: Dict[str, Any] = {}
+  start_step = int(state.step)
+  tick, tick_step = time.perf_counter(), start_step
+  with _StopRequest() as stop:
+    for step in range(start_step, config.train.max_steps):
+      batch = first_batch if first_batch is not None else next(train_iter)
+      first_batch = None
+      batch = sharding_lib.host_batch_to_global(batch, mesh)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, metrics = train_step(state, batch, vae_params)
+      done = step + 1
+      final = done == config.train.max_steps
+      if done % config.log.every_steps == 0 or final:
+        metrics = jax.device_get(metrics)
+        logging_lib.check_finite(metrics, done)
+        now = time.perf_counter()
+        rate = (done - tick_step) * config.train.global_batch_size / max(now - tick, 1e-9)
+        tick, tick_step = now, done
+        scalars = {f"train/{k}": v for k, v in metrics.items()}
+        scalars["train/images_per_second"] = rate
+        writer.write(done, scalars)
+        if progress is not None:
+          progress.set_postfix(loss=f"{float(metrics['loss']):.4f}", img_s=f"{rate:.1f}")
+      if progress is not None:
+        progress.update(1)
+      stopping = stop.agreed()
+      ckpt_metrics = None
+      if done % config.eval.every_steps == 0 or final:
+        last_eval = _evaluate(evaluator, state, vae_params, config, workdir, writer, done)
+        ckpt_metrics = {"eval/dice": last_eval["dice"], "eval/iou": last_eval["iou"]}
+      if done % config.checkpoint.every_steps == 0 or final or stopping:
+        ckpt.save(done, state, data_state=train_iter.get_state(), metrics=ckpt_metrics,
+                  extra={"scale_factor": float(state.scale_factor)}, force=stopping)
+      if stopping:
+        break
+  if progress is not None:
+    progress.close()
+  ckpt.wait_until_finished()
+
+  # ---- export and curves ---------------------------------------------------------------------
+  if int(state.step) >= config.train.max_steps:
+    export_path = workdir / "export" / "inference.npz"
+    checkpoint_lib.export_inference(
+        export_path, unet_params=state.ema_unet,
+        vision_encoder_params=state.params["vision_encoder"],
+        scale_factor=float(state.scale_factor), model_config_json=config.model.to_json(),
+        vae_reference=str(_vae_reference(config, workdir)))
+    if jax.process_index() == 0:
+      from sdseg_jax import plots  # pylint: disable=g-import-not-at-top
+      plots.plot_training_curves(workdir / "metrics.jsonl", workdir / "curves.png")
+  ckpt.close()
+  writer.close()
+  return {"step": int(state.step), **{f"eval/{k}": last_eval[k] for k in ("dice", "iou")
+                                       if k in last_eval}}
+
+
+def _vae_reference(config, workdir: pathlib.Path) -> pathlib.Path:
+  if config.init.vae:
+    return pathlib.Path(config.init.vae)
+  if config.init.sdseg:
+    return pathlib.Path(config.init.sdseg)
+  return vae_pretrain.saved_path(workdir)
+
+
+def _evaluate(evaluator, state, vae_params, config, workdir, writer, step) -> Dict[str, Any]:
+  """Single-step evaluation with the EMA UNet and the live vision encoder (as the official)."""
+  params = {"unet": state.ema_unet, "vision_encoder": state.params["vision_encoder"]}
+  start = time.perf_counter()
+  result = evaluator.run(params, vae_params, state.scale_factor, config.eval.num_panels)
+  writer.write(step, {"eval/dice": result["dice"], "eval/iou": result["iou"],
+                      "eval/seconds": time.perf_counter() - start})
+  path = evaluator_lib.write_panels(result["panels"], workdir / "panels" / f"step_{step:07d}.png")
+  logging.info("step %d: eval/dice %.4f eval/iou %.4f on %d %s cases%s", step, result["dice"],
+               result["iou"], result["num_cases"], config.eval.split,
+               f" (panels: {path})" if path else "")
+  return result
+
+
+def _progress_bar(config, initial: int) -> Optional[Any]:
+  if not config.log.progress_bar or jax.process_index() != 0:
+    return None
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=config.train.max_steps, initial=initial, unit="step", dynamic_ncols=True,
+              desc="train")
