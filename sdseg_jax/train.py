@@ -96,7 +96,8 @@ def _load_vae(config, model, workdir, mesh, abstract_vae, vae_sh, rng) -> Any:
   vae = vae_pretrain.pretrain_vae(model, vae, batches, steps=config.init.pretrain_vae_steps,
                                   learning_rate=config.init.pretrain_vae_lr, mesh=mesh,
                                   rng=jax.random.fold_in(rng, 1))
-  host = jax.tree_util.tree_map(np.asarray, multihost_utils.process_allgather(vae))
+  # The VAE is replicated: every process holds a full copy on its first local device.
+  host = jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), vae)
   if jax.process_index() == 0:
     artifacts.save(saved, {"vae": host}, {"kind": "pretrained_vae",
                                           "steps": config.init.pretrain_vae_steps})
