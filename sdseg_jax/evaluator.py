@@ -9,7 +9,7 @@ for 3D sets, which is exactly the official per-volume scoring.
 
 import functools
 import pathlib
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,7 @@ from PIL import Image
 
 from sdseg_jax import diffusion
 from sdseg_jax import metrics as metrics_lib
+from sdseg_jax import multiclass
 from sdseg_jax import sharding as sharding_lib
 from sdseg_jax.models import sdseg
 
@@ -27,6 +28,12 @@ def _predict_counts(params, vae_params, image, label, scale_factor, noise_key, *
                     model: sdseg.SDSeg, ddim_steps: int, ddim_eta: float):
   s = model.latent_size
   z_T = jax.random.normal(noise_key, (image.shape[0], s, s, model.latent_channels), jnp.float32)
+  if model.unet.num_classes is not None:
+    # Class-embedding model: score the foreground (any class) of its label map.
+    out = multiclass.predict_labels(model, params, vae_params, image, z_T, scale_factor,
+                                    ddim_steps=ddim_steps, ddim_eta=ddim_eta,
+                                    rng=jax.random.fold_in(noise_key, 1))
+    return _counts(out["labels"] > 0, label), 1.0 - out["probs"][..., 0]
   cond = model.encode_image(params, image)
   if ddim_steps > 0:
     eps_fn = lambda z, t: model.denoise(params["unet"], z, cond, t)
@@ -35,11 +42,14 @@ def _predict_counts(params, vae_params, image, label, scale_factor, noise_key, *
   else:
     z0 = model.predict_latent(params["unet"], cond, z_T)
   prob = sdseg.mask_probability(model.decode(vae_params, z0, scale_factor))
-  pred = prob > 0.5
+  return _counts(prob > 0.5, label), prob
+
+
+def _counts(pred: jax.Array, label: jax.Array) -> jax.Array:
+  """(B, 3) |P∩G|, |P|, |G| per example."""
   gt = label > 0
-  counts = jnp.stack([jnp.sum(pred & gt, axis=(1, 2)), jnp.sum(pred, axis=(1, 2)),
-                      jnp.sum(gt, axis=(1, 2))], axis=-1)
-  return counts, prob
+  return jnp.stack([jnp.sum(pred & gt, axis=(1, 2)), jnp.sum(pred, axis=(1, 2)),
+                    jnp.sum(gt, axis=(1, 2))], axis=-1)
 
 
 class Evaluator:
@@ -47,9 +57,12 @@ class Evaluator:
 
   def __init__(self, model: sdseg.SDSeg, mesh: jax.sharding.Mesh, loader: Any, *,
                noise_seed: int = 0, empty_convention: str = "official", ddim_steps: int = 0,
-               ddim_eta: float = 1.0):
+               ddim_eta: float = 1.0, distances: bool = False):
+    """`distances`: also HD95/ASSD per case (in pixels), which needs every predicted mask on
+    the host (slices of a volume are stacked in slice order), so it is off during training."""
     self.model, self.mesh, self.loader = model, mesh, loader
     self.noise_seed, self.empty_convention = noise_seed, empty_convention
+    self.distances = distances
     batch_sh = sharding_lib.batch_sharding(mesh)
     self._step = jax.jit(
         functools.partial(_predict_counts, model=model, ddim_steps=ddim_steps,
@@ -58,8 +71,15 @@ class Evaluator:
 
   def run(self, params: Any, vae_params: Any, scale_factor: Any,
           num_panels: int = 0) -> Dict[str, Any]:
-    """Returns {"dice", "iou", "num_cases", "cases": {case: {...}}, "panels": [...]}."""
+    """Returns {"dice", "iou", "num_cases", "cases": {case: {...}}, "panels": [...]}.
+
+    Also "dimension" ("2d": a case is an image, "3d": a volume of slices) and, with
+    `distances`, "hd95"/"assd" (NaN-aware means) and per-case "hd95"/"assd" (NaN if a mask
+    is empty).
+    """
     totals: Dict[str, np.ndarray] = {}
+    masks: Dict[str, List[Tuple[int, np.ndarray, np.ndarray]]] = {}
+    volumetric = False
     panels: List[np.ndarray] = []
     key = jax.random.key(self.noise_seed)
     for index, batch in enumerate(self.loader):
@@ -71,8 +91,16 @@ class Evaluator:
       meta = multihost_utils.process_allgather(
           {"valid": batch["valid"], "slice": batch["slice"]}, tiled=True)
       cases = _allgather_strings(batch["case"])
-      for row in np.flatnonzero(np.asarray(meta["valid"])):
+      valid_rows = np.flatnonzero(np.asarray(meta["valid"]))
+      slices = np.asarray(meta["slice"])
+      volumetric = volumetric or bool(np.any(slices[valid_rows] >= 0))
+      for row in valid_rows:
         totals[cases[row]] = totals.get(cases[row], 0) + counts[row].astype(np.int64)
+      if self.distances:
+        pred = np.asarray(multihost_utils.process_allgather(prob, tiled=True)) > 0.5
+        gt = np.asarray(multihost_utils.process_allgather(batch["label"], tiled=True)) > 0
+        for row in valid_rows:
+          masks.setdefault(cases[row], []).append((int(slices[row]), pred[row], gt[row]))
       if len(panels) < num_panels:
         panels += self._panels(batch, prob, num_panels - len(panels))
     cases = {}
@@ -80,12 +108,24 @@ class Evaluator:
       cases[case] = {
           "dice": metrics_lib.dice_from_counts(int(inter), int(p), int(g), self.empty_convention),
           "iou": metrics_lib.iou_from_counts(int(inter), int(p), int(g), self.empty_convention)}
+      if self.distances:
+        ordered = sorted(masks[case], key=lambda item: item[0])
+        pred = np.stack([m for _, m, _ in ordered]) if volumetric else ordered[0][1]
+        gt = np.stack([m for _, _, m in ordered]) if volumetric else ordered[0][2]
+        cases[case]["hd95"], cases[case]["assd"] = metrics_lib.hd95_assd(pred, gt)
     dice = np.array([c["dice"] for c in cases.values()])
     iou = np.array([c["iou"] for c in cases.values()])
-    return {"dice": float(dice.mean()) if len(dice) else float("nan"),
-            "iou": float(iou.mean()) if len(iou) else float("nan"),
-            "dice_std": float(dice.std()) if len(dice) else float("nan"),
-            "num_cases": len(cases), "cases": cases, "panels": panels}
+    result = {"dice": float(dice.mean()) if len(dice) else float("nan"),
+              "iou": float(iou.mean()) if len(iou) else float("nan"),
+              "dice_std": float(dice.std()) if len(dice) else float("nan"),
+              "num_cases": len(cases), "cases": cases, "panels": panels,
+              "dimension": "3d" if volumetric else "2d"}
+    if self.distances:
+      for name in ("hd95", "assd"):
+        values = np.array([c[name] for c in cases.values()], np.float64)
+        finite = values[np.isfinite(values)]
+        result[name] = float(finite.mean()) if finite.size else float("nan")
+    return result
 
   @staticmethod
   def _panels(batch: Dict[str, np.ndarray], prob: jax.Array, limit: int) -> List[np.ndarray]:

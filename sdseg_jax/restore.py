@@ -1,0 +1,244 @@
+"""Loads a trained run's inference weights: what evaluate, predict and stability all start from.
+
+A run directory (written by `sdseg_jax.train`) holds config.json, checkpoints/<step>/ (orbax
+train states) and, once training finished, export/inference.npz. Inference needs the EMA UNet,
+the LIVE vision encoder (the official evaluation uses the EMA only for the UNet), the latent
+scale factor of the run and the frozen VAE, which is never checkpointed but referenced: by
+config.init.vae, config.init.sdseg or WORKDIR/pretrained_vae.npz (the demo's pre-trained VAE),
+or, for the export bundle, by the bundle's own `vae_reference` (checked by SHA-256).
+
+`--checkpoint` selects the weights: "best" (by the in-training validation Dice), "last" (the
+newest step), an integer step, or "export" (the bundle). Every failure is a `RestoreError`
+whose message names the missing directory/file and what to do about it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+from typing import Any, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from sdseg_jax import checkpoint as checkpoint_lib
+from sdseg_jax import config_lib
+from sdseg_jax import multiclass
+from sdseg_jax import sharding as sharding_lib
+from sdseg_jax import state as state_lib
+from sdseg_jax import vae_pretrain
+from sdseg_jax.models import sdseg
+from sdseg_jax.weights import artifacts
+from sdseg_jax.weights import loading
+
+EXPORT = "export"
+BEST_METRIC = "eval/dice"  # what train.py ranks checkpoints by
+CHECKPOINT_CHOICES = "best | last | STEP | export"
+
+
+class RestoreError(ValueError):
+  """A run directory, checkpoint or weights file cannot be used; the message says which."""
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything inference needs, placed on `mesh` (parameters replicated).
+
+  params: {"unet": EMA UNet, "vision_encoder": live encoder}. checkpoint: the label used in
+  output file names ("best", "last", "750", "export"); step: the resolved training step (None
+  for a bundle that does not record it); source: the directory or file the weights came from.
+  """
+  workdir: pathlib.Path
+  config: ml_collections.ConfigDict
+  model: sdseg.SDSeg
+  mesh: jax.sharding.Mesh
+  params: Any
+  vae_params: Any
+  scale_factor: jax.Array
+  checkpoint: str
+  step: Optional[int]
+  source: str
+
+  @property
+  def num_classes(self) -> Optional[int]:
+    return self.model.unet.num_classes
+
+
+def parse_checkpoint(value: Union[str, int]) -> Union[str, int]:
+  """"best" | "last"/"latest" | "export" | an integer step (as int)."""
+  text = str(value).strip().lower()
+  if text in ("best", EXPORT):
+    return text
+  if text in ("last", "latest"):
+    return "last"
+  try:
+    step = int(text)
+  except ValueError:
+    raise RestoreError(f"--checkpoint must be {CHECKPOINT_CHOICES}, got {value!r}") from None
+  if step < 0:
+    raise RestoreError(f"--checkpoint step must be >= 0, got {step}")
+  return step
+
+
+def inference_mesh() -> jax.sharding.Mesh:
+  """All devices on the data axis: parameters replicated, batches split over devices."""
+  return sharding_lib.make_mesh({"data": -1, "fsdp": 1})
+
+
+def _sha256(path: pathlib.Path) -> str:
+  digest = hashlib.sha256()
+  with path.open("rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def vae_path(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
+  """The frozen VAE file training used (same precedence as `train._load_vae`)."""
+  if config.init.get("vae"):
+    return pathlib.Path(config.init.vae)
+  if config.init.get("sdseg"):
+    return pathlib.Path(config.init.sdseg)
+  return vae_pretrain.saved_path(workdir)
+
+
+def _shape_tree(abstract: Any) -> Any:
+  """Zero-cost arrays of the abstract shapes: `artifacts.check_fits` reads shapes through
+  np.asarray, which turns a ShapeDtypeStruct into a 0-d object array (shape ())."""
+  return jax.tree_util.tree_map(lambda x: np.broadcast_to(np.float32(0), x.shape), abstract)
+
+
+def _read(path: pathlib.Path, key: str, abstract: Any, what: str) -> Any:
+  try:
+    return loading.read(str(path), key, _shape_tree(abstract), what)
+  except (FileNotFoundError, artifacts.ArtifactError) as e:
+    raise RestoreError(str(e)) from e
+
+
+def _restore_state(ckpt_dir: pathlib.Path, choice: Union[str, int],
+                   abstract_state: Any) -> tuple[Any, int]:
+  """Reads one train state through a READ-ONLY orbax manager.
+
+  Not through `checkpoint.Checkpointer`: a writable manager removes unfinished
+  `*.orbax-checkpoint-tmp-*` directories when it opens, which would break the save of a
+  training run that is still writing into the same directory while we evaluate it.
+  """
+  options = ocp.CheckpointManagerOptions(
+      read_only=True, create=False, best_fn=lambda m: float(m[BEST_METRIC]), best_mode="max")
+  manager = ocp.CheckpointManager(
+      ckpt_dir, options=options,
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "meta": ocp.JsonCheckpointHandler()})
+  try:
+    steps = sorted(manager.all_steps())
+    if not steps:
+      raise RestoreError(f"{ckpt_dir}: no finished checkpoint")
+    if choice == "best":
+      step = manager.best_step()
+      if step is None:
+        raise RestoreError(f"{ckpt_dir}: no checkpoint carries {BEST_METRIC!r}, so there is "
+                           f"no 'best' step; use --checkpoint last or one of {steps}")
+    elif choice == "last":
+      step = steps[-1]
+    elif int(choice) not in steps:
+      raise RestoreError(f"{ckpt_dir / str(choice)}: step {choice} not found; available "
+                         f"steps: {steps}")
+    else:
+      step = int(choice)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))
+    except Exception as e:  # orbax/tensorstore raise many types for corrupt or mismatched data
+      text = f"{type(e).__name__}: {e}"
+      raise RestoreError(f"{ckpt_dir / str(step)}: cannot restore step {step} for this run's "
+                         f"config ({text[:600]})") from e
+  finally:
+    manager.close()
+  return restored["state"], int(step)
+
+
+def load_run(workdir: Union[str, pathlib.Path], checkpoint: Union[str, int] = "best",
+             mesh: Optional[jax.sharding.Mesh] = None) -> Run:
+  """Restores a run's inference weights (EMA UNet + live vision encoder + VAE + scale).
+
+  Raises:
+    RestoreError: missing workdir/config/checkpoint/VAE, or weights that do not fit.
+  """
+  workdir = pathlib.Path(workdir)
+  if not workdir.is_dir():
+    raise RestoreError(f"{workdir}: no such run directory")
+  try:
+    config = config_lib.load(workdir)
+  except FileNotFoundError as e:
+    raise RestoreError(str(e)) from e
+  choice = parse_checkpoint(checkpoint)
+  mesh = mesh or inference_mesh()
+  replicated = sharding_lib.replicated(mesh)
+  if choice == EXPORT:
+    return _load_export(workdir, config, mesh)
+
+  model = sdseg.build(config.model)
+  abstract_params, abstract_vae = jax.eval_shape(model.init, jax.random.key(0))
+  ckpt_dir = workdir / "checkpoints"
+  if not ckpt_dir.is_dir():
+    raise RestoreError(f"{ckpt_dir}: no checkpoints directory; has this run trained yet?")
+  tx = multiclass.make_optimizer(config)
+  create = lambda p, s: state_lib.create(p, tx, jax.random.key(0), s)
+  abstract_state = jax.eval_shape(create, abstract_params, jnp.float32(1))
+  abstract_state = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_state)
+  state, step = _restore_state(ckpt_dir, choice, abstract_state)
+  params = {"unet": state.ema_unet, "vision_encoder": state.params["vision_encoder"]}
+  vae_file = vae_path(config, workdir)
+  vae_sh = jax.tree_util.tree_map(lambda _: replicated, abstract_vae)
+  vae_params = loading.place(_read(vae_file, "vae", abstract_vae, "frozen VAE"), vae_sh)
+  label = choice if isinstance(choice, str) else str(choice)
+  return Run(workdir=workdir, config=config, model=model, mesh=mesh, params=params,
+             vae_params=vae_params, scale_factor=state.scale_factor, checkpoint=label,
+             step=int(step), source=str(ckpt_dir / str(step)))
+
+
+def _load_export(workdir: pathlib.Path, config: ml_collections.ConfigDict,
+                 mesh: jax.sharding.Mesh) -> Run:
+  """The bundle's model config and weights; the VAE from its recorded reference."""
+  path = workdir / "export" / "inference.npz"
+  if not path.is_file():
+    raise RestoreError(f"{path}: no inference export (it is written when training reaches "
+                       f"config.train.max_steps); use --checkpoint best|last|STEP instead")
+  try:
+    bundle = checkpoint_lib.load_inference(path)
+  except checkpoint_lib.CheckpointError as e:
+    raise RestoreError(str(e)) from e
+  model_config = ml_collections.ConfigDict(json.loads(bundle["model_config_json"]))
+  model = sdseg.build(model_config)
+  abstract_params, abstract_vae = jax.eval_shape(model.init, jax.random.key(0))
+  replicated = sharding_lib.replicated(mesh)
+  for key, what in (("unet", "unet_params"), ("vision_encoder", "vision_encoder_params")):
+    try:
+      artifacts.check_fits(bundle[what], _shape_tree(abstract_params[key]), f"exported {key}",
+                           path)
+    except artifacts.ArtifactError as e:
+      raise RestoreError(str(e)) from e
+  params = loading.place({"unet": bundle["unet_params"],
+                          "vision_encoder": bundle["vision_encoder_params"]},
+                         jax.tree_util.tree_map(lambda _: replicated, abstract_params))
+  vae_file = pathlib.Path(bundle["vae_reference"])
+  if not vae_file.is_file():
+    vae_file = vae_path(config, workdir)  # e.g. the run directory was moved
+  if bundle["vae_sha256"] and vae_file.is_file() and _sha256(vae_file) != bundle["vae_sha256"]:
+    raise RestoreError(f"{vae_file}: this VAE is not the one {path} was exported with "
+                       f"(SHA-256 differs); decoding with another VAE gives wrong masks")
+  vae_sh = jax.tree_util.tree_map(lambda _: replicated, abstract_vae)
+  vae_params = loading.place(_read(vae_file, "vae", abstract_vae, "frozen VAE"), vae_sh)
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model = model_config
+  return Run(workdir=workdir, config=config, model=model, mesh=mesh, params=params,
+             vae_params=vae_params,
+             scale_factor=jax.device_put(jnp.float32(bundle["scale_factor"]), replicated),
+             checkpoint=EXPORT, step=None, source=str(path))
