@@ -24,28 +24,35 @@ def run_noise(model: sdseg.SDSeg, seed: int) -> jax.Array:
   return jax.random.normal(jax.random.key(seed), (1, s, s, model.latent_channels), jnp.float32)
 
 
-def probability(model: sdseg.SDSeg, params: Any, vae_params: Any, scale_factor: jax.Array,
-                image: jax.Array, z_T: jax.Array) -> jax.Array:
-  """Single-step foreground probability (B, R, R) in [0, 1] for images (B, R, R, 3).
+def class_probabilities(model: sdseg.SDSeg, params: Any, vae_params: Any,
+                        scale_factor: jax.Array, image: jax.Array, z_T: jax.Array) -> jax.Array:
+  """Single-step per-class probabilities (B, R, R, C) for images (B, R, R, 3).
 
-  Binary models: the official clamped channel mean. Class-embedding models: 1 - p(background)
-  of the K-class softmax (the label map itself comes from `multiclass.predict_labels`).
+  Binary models: C = 1, the official foreground probability (clamped channel mean).
+  Class-embedding models: C = K, the softmax of `multiclass.predict_labels` (argmax = labels).
   """
   z_T = jnp.broadcast_to(z_T, (image.shape[0],) + z_T.shape[1:])
   if model.unet.num_classes is not None:
-    out = multiclass.predict_labels(model, params, vae_params, image, z_T, scale_factor)
-    return 1.0 - out["probs"][..., 0]
-  return model.predict(params, vae_params, image, z_T, scale_factor)["prob"]
+    return multiclass.predict_labels(model, params, vae_params, image, z_T, scale_factor)["probs"]
+  return model.predict(params, vae_params, image, z_T, scale_factor)["prob"][..., None]
 
 
-def probability_flip_tta(model: sdseg.SDSeg, params: Any, vae_params: Any,
-                         scale_factor: jax.Array, image: jax.Array, z_T: jax.Array) -> jax.Array:
+def class_probabilities_flip_tta(model: sdseg.SDSeg, params: Any, vae_params: Any,
+                                 scale_factor: jax.Array, image: jax.Array,
+                                 z_T: jax.Array) -> jax.Array:
   """Flip test-time augmentation: mean of identity, h-flip and v-flip, flips undone.
 
   The three views go through the network as ONE batch of 3B (same z_T for all views).
   """
   b = image.shape[0]
   views = jnp.concatenate([image, image[:, :, ::-1], image[:, ::-1]], axis=0)
-  prob = probability(model, params, vae_params, scale_factor, views, z_T)
+  prob = class_probabilities(model, params, vae_params, scale_factor, views, z_T)
   identity, hflip, vflip = prob[:b], prob[b:2 * b], prob[2 * b:]
   return (identity + hflip[:, :, ::-1] + vflip[:, ::-1]) / 3.0
+
+
+def foreground(class_probs: jax.Array) -> jax.Array:
+  """(..., C) class probabilities -> foreground probability (...): p for C = 1, else 1 - p_0."""
+  if class_probs.shape[-1] == 1:
+    return class_probs[..., 0]
+  return 1.0 - class_probs[..., 0]
