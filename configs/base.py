@@ -27,6 +27,89 @@ def data_block(name: str, root: str = "") -> ml_collections.ConfigDict:
   return data
 
 
+# Converted public weights (see `python -m sdseg_jax.convert --help` and the README).
+KL_F8_WEIGHTS = "weights/kl-f8.npz"
+LSUN_CHURCHES_UNET_WEIGHTS = "weights/lsun_churches_unet.npz"
+
+VARIANTS = ("", "runlocal", "gpu8", "h100", "v5e8", "cpu_small")
+
+
+def small_model(size: int = 64) -> ml_collections.ConfigDict:
+  """A CPU-sized SDSeg (demo and `cpu_small`): 32-channel f=4 autoencoder, 64-channel UNet.
+
+  At 64x64 an f=8 latent (8x8) cannot hold a mask outline well enough for Dice > 0.9, so the
+  small autoencoder has three levels: 64x64 masks -> 16x16x4 latents.
+  """
+  return model_config.model_config(
+      ddconfig=dict(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, resolution=size),
+      unet_config=dict(image_size=size // 4, model_channels=64, channel_mult=[1, 2],
+                       attention_resolutions=[2], num_res_blocks=1, num_heads=4, dropout=0.0),
+      vision_dropout=0.0)
+
+
+def use_small_model(config: ml_collections.ConfigDict, size: int = 64) -> None:
+  """Switches a config to `small_model` with a VAE pre-trained on the masks (no downloads)."""
+  config.model = small_model(size)
+  config.data.image_size = size
+  config.init.vae = ""
+  config.init.unet = ""
+  config.init.pretrain_vae_steps = 250
+  config.init.pretrain_vae_lr = 1e-3
+  config.train.global_batch_size = 16
+  config.train.max_steps = 1200
+  # A small model from scratch learns fastest with a larger step and a short warm-up.
+  config.optim.base_lr = 3e-4
+  config.optim.scale_lr = False
+  config.optim.warmup_steps = 100
+  config.optim.weight_decay = 0.0
+  config.ema.decay = 0.995
+  config.eval.every_steps = config.checkpoint.every_steps = 400
+  config.eval.batch_size = 32
+  config.data.worker_count = 0
+
+
+def benchmark_config(dataset: str, root: str, eval_every: int, variant: str = ""
+                     ) -> ml_collections.ConfigDict:
+  """The official SDSeg recipe on one benchmark, plus hardware variants selected by `variant`.
+
+    ""          the paper's setting: global batch 4 (lr = 1e-5 x 4), fp32, 1 device
+    "runlocal"  a CPU smoke run: batch 2, 10 steps, evaluation on 8 validation cases
+    "gpu8"      8 GPUs, 4 per GPU (global 32, lr scaled to 3.2e-4 as the official --scale_lr)
+    "h100"      one H100: 32 per chip in bf16 (about 22 GiB, performance.md)
+    "v5e8"      a v5e-8 slice: 8 per chip in bf16 with FSDP-sharded params and Adam moments
+    "cpu_small" the demo's small model at 64x64 on the real data, VAE pre-trained on its masks
+  """
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown config variant {variant!r}; expected one of {VARIANTS}")
+  config = get_config()
+  config.data = data_block(dataset, root)
+  config.init.vae = KL_F8_WEIGHTS
+  config.init.unet = LSUN_CHURCHES_UNET_WEIGHTS
+  config.eval.every_steps = eval_every
+  config.checkpoint.every_steps = eval_every
+  if variant == "runlocal":
+    config.train.global_batch_size = 2
+    config.train.max_steps = 10
+    config.eval.every_steps = config.checkpoint.every_steps = 5
+    config.eval.batch_size = 2
+    config.log.every_steps = 1
+    config.data.worker_count = 0
+  elif variant == "gpu8":
+    config.train.global_batch_size = 32
+  elif variant == "h100":
+    config.train.global_batch_size = 32
+    config.model.compute_dtype = "bfloat16"
+    config.eval.batch_size = 32
+  elif variant == "cpu_small":
+    use_small_model(config)
+  elif variant == "v5e8":
+    config.train.global_batch_size = 64
+    config.model.compute_dtype = "bfloat16"
+    config.mesh.data, config.mesh.fsdp = 1, 8
+    config.mesh.strategy = "fsdp"
+  return config
+
+
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Global seed (official main.py: 23): parameters init, noise, timesteps, dropout, data order.
