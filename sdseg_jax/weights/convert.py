@@ -214,8 +214,10 @@ def convert_autoencoder(state: Mapping[str, np.ndarray], vae_target: Tree, *,
                         prefix: str = "", source: str = "autoencoder") -> Tuple[Tree, ConversionReport]:
   """kl-f8 autoencoder state_dict -> VAE params (`loss.*` keys are ignored)."""
   report = ConversionReport(source)
-  vae = map_module(state, prefix, vae_target, "vae", report)
-  _ignore_rest(state, report, [("loss.", "autoencoder training loss (discriminator/LPIPS)")])
+  loss_prefix = prefix + "loss."
+  model_state = {k: v for k, v in state.items() if not k.startswith(loss_prefix)}
+  vae = map_module(model_state, prefix, vae_target, "vae", report)
+  _ignore_rest(state, report, [(loss_prefix, "autoencoder training loss (discriminator/LPIPS)")])
   return vae, report
 
 

@@ -1,0 +1,106 @@
+"""`python -m sdseg_jax.convert`: official checkpoints -> weight artifacts, and its errors."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sdseg_jax.weights import artifacts
+from sdseg_jax.weights import convert
+from tests import official_models
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY_CONFIG = "tests/configs/official_tiny.py"
+
+
+def run_convert(fixtures, *args):
+  env = dict(os.environ, SDSEG_OFFICIAL_FIXTURES=str(fixtures), JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "sdseg_jax.convert", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("kind,ckpt,key", [
+    ("autoencoder", "tiny_klf8_autoencoder.ckpt", "vae"),
+    ("ldm_unet", "tiny_ldm_unet4ch.ckpt", "unet"),
+    ("sdseg", "tiny_sdseg_trained.ckpt", "unet"),
+])
+def test_convert_writes_artifact_and_summary(official_fixtures, tmp_path, kind, ckpt, key):
+  out = tmp_path / f"{kind}.npz"
+  proc = run_convert(official_fixtures, f"--config={TINY_CONFIG}", f"--kind={kind}",
+                     f"--checkpoint={official_fixtures / ckpt}", f"--out={out}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "tensors mapped" in proc.stdout and "parameters" in proc.stdout
+  tree, meta = artifacts.load(out)
+  assert meta["kind"] == kind and key in tree
+  if kind == "sdseg":
+    # The CLI takes the EMA UNet by default: equal to the in-process EMA conversion.
+    _, expected, _ = official_models.load_trained(official_fixtures, use_ema=True)
+    np.testing.assert_array_equal(tree["unet"]["out_2"]["kernel"],
+                                  expected["unet"]["out_2"]["kernel"])
+    assert float(tree["scale_factor"]) == pytest.approx(0.12)
+    assert "ignored" in proc.stdout and "online UNet" in proc.stdout
+
+
+def test_autoencoder_summary_reports_ignored_keys(official_fixtures):
+  """The real kl-f8 file carries loss.* keys: they are ignored, and reported as such."""
+  _, _, vae = official_models.abstract_params(official_fixtures)
+  state = dict(official_models.state_dict(official_fixtures / "tiny_klf8_autoencoder.ckpt"))
+  state["loss.discriminator.main.0.weight"] = np.zeros((64, 3, 4, 4), np.float32)
+  _, report = convert.convert_autoencoder(state, vae)
+  assert report.ignored == {"loss.discriminator.main.0.weight":
+                            "autoencoder training loss (discriminator/LPIPS)"}
+
+
+def test_wrong_architecture_is_an_error_naming_the_key(official_fixtures, tmp_path):
+  """The tiny official checkpoint against the demo architecture: an error, nothing written."""
+  out = tmp_path / "x.npz"
+  proc = run_convert(official_fixtures, "--config=configs/demo.py", "--kind=sdseg",
+                     f"--checkpoint={official_fixtures / 'tiny_sdseg_trained.ckpt'}",
+                     f"--out={out}")
+  assert proc.returncode == 1
+  assert "error:" in proc.stderr and ("shape mismatch" in proc.stderr
+                                      or "unexpected keys" in proc.stderr
+                                      or "missing" in proc.stderr)
+  assert not out.exists()
+
+
+def test_wrong_kind_is_an_error(official_fixtures, tmp_path):
+  proc = run_convert(official_fixtures, f"--config={TINY_CONFIG}", "--kind=autoencoder",
+                     f"--checkpoint={official_fixtures / 'tiny_sdseg_trained.ckpt'}",
+                     f"--out={tmp_path / 'x.npz'}")
+  assert proc.returncode == 1 and "not the kl-f8 autoencoder file" in proc.stderr
+
+
+def test_corrupt_checkpoint_is_an_error_naming_the_file(official_fixtures, tmp_path):
+  bad = tmp_path / "truncated.ckpt"
+  data = (official_fixtures / "tiny_klf8_autoencoder.ckpt").read_bytes()
+  bad.write_bytes(data[: len(data) // 2])
+  proc = run_convert(official_fixtures, f"--config={TINY_CONFIG}", "--kind=autoencoder",
+                     f"--checkpoint={bad}", f"--out={tmp_path / 'x.npz'}")
+  assert proc.returncode == 1 and "truncated.ckpt" in proc.stderr
+
+
+def test_shape_mismatch_names_key(official_fixtures):
+  _, params, _ = official_models.abstract_params(official_fixtures)
+  state = dict(official_models.state_dict(official_fixtures / "tiny_sdseg_trained.ckpt"))
+  key = "model.diffusion_model.out.2.weight"
+  state[key] = np.zeros((5,) + state[key].shape[1:], np.float32)
+  with pytest.raises(convert.ConversionError, match=r"out\.2\.weight"):
+    convert.map_module(state, "model.diffusion_model.", params["unet"], "unet",
+                       convert.ConversionReport("x"))
+
+
+def test_loaded_artifact_must_fit_the_model(official_fixtures, tmp_path):
+  _, params, _ = official_models.abstract_params(official_fixtures)
+  path = tmp_path / "bad.npz"
+  artifacts.save(path, {"unet": {"out_2": {"kernel": np.zeros((3, 3, 1, 1), np.float32)}}},
+                 {"kind": "ldm_unet"})
+  tree, _ = artifacts.load(path)
+  with pytest.raises(artifacts.ArtifactError, match="bad.npz"):
+    artifacts.check_fits(tree["unet"], params["unet"], "unet", path)
+  (tmp_path / "garbage.npz").write_bytes(b"not a zip")
+  with pytest.raises(artifacts.ArtifactError, match="garbage.npz"):
+    artifacts.load(tmp_path / "garbage.npz")
