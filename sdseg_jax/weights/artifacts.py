@@ -80,8 +80,10 @@ def load(path: os.PathLike) -> Tuple[Dict[str, Any], Dict[str, Any]]:
 def check_fits(tree: Any, abstract: Any, what: str, path: os.PathLike) -> None:
   """Raises ArtifactError unless `tree` has exactly the structure and shapes of `abstract`."""
   got = {k: v.shape for k, v in _flatten(tree).items()}
-  want = {k: tuple(v.shape) for k, v in _flatten(
-      jax.tree_util.tree_map(lambda x: x, abstract)).items()}
+  # Zero-copy arrays of the wanted shapes: `_flatten` goes through np.asarray, which would turn
+  # a jax.ShapeDtypeStruct (what callers pass from jax.eval_shape) into a 0-d object array.
+  want = {k: tuple(v.shape) for k, v in _flatten(jax.tree_util.tree_map(
+      lambda x: np.broadcast_to(np.float32(0), np.shape(x)), abstract)).items()}
   missing = sorted(set(want) - set(got))
   unexpected = sorted(set(got) - set(want))
   wrong = sorted(k for k in set(want) & set(got) if tuple(got[k]) != want[k])
