@@ -33,8 +33,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
        "config.eval.split='test': model selection during training must never see the test "
        "split (the official code's bug); evaluate on test afterwards with sdseg_jax.evaluate")
   need(config.mesh.strategy in ("dp", "fsdp"), "config.mesh.strategy must be 'dp' or 'fsdp'")
-  need(config.model.compute_dtype in ("float32", "bfloat16", "float16"),
-       "config.model.compute_dtype must be float32, bfloat16 or float16")
+  need(config.model.compute_dtype in ("auto", "float32", "bfloat16", "float16"),
+       "config.model.compute_dtype must be auto, float32, bfloat16 or float16")
   need(config.model.vae.resolution == config.data.image_size,
        f"config.model.vae.resolution ({config.model.vae.resolution}) must equal "
        f"config.data.image_size ({config.data.image_size})")

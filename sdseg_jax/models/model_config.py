@@ -45,9 +45,11 @@ def model_config(ddconfig: Optional[Mapping[str, Any]] = None,
   # LDM "linear" schedule: betas = linspace(sqrt(start), sqrt(end), T)^2.
   cfg.schedule = ml_collections.ConfigDict(
       dict(timesteps=timesteps, linear_start=linear_start, linear_end=linear_end))
-  # Compute dtype of convs/matmuls ("float32" or "bfloat16"); params, norms, softmax, loss and
-  # the x0 recovery always stay float32.
-  cfg.compute_dtype = "float32"
+  # Compute dtype of convs/matmuls: "auto" (default: bfloat16 on GPU/TPU, float32 on CPU,
+  # resolved by sdseg.build from jax.default_backend()), "float32" or "bfloat16". Params, GroupNorm
+  # statistics, attention logits/softmax, the loss and the x0 recovery always stay float32
+  # (design.md section 6.5; bf16-vs-f32 tolerances in tests/test_precision.py).
+  cfg.compute_dtype = "auto"
   # Matmul/conv precision: "default", "high" or "highest" (for parity checks on TPU/GPU).
   cfg.precision = "default"
   # Attention kernel: None (XLA) or "cudnn" (fused flash attention on NVIDIA GPUs, bf16 only).

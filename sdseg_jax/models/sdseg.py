@@ -115,9 +115,25 @@ def mask_probability(decoded: jax.Array) -> jax.Array:
   return jnp.mean(jnp.clip((decoded.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0), axis=-1)
 
 
+def resolve_compute_dtype(name: str, backend: Optional[str] = None) -> str:
+  """"auto" -> "bfloat16" on GPU/TPU and "float32" on CPU; explicit names pass through.
+
+  bf16 halves activation memory and runs the convs on tensor cores / the MXU, but CPU XLA has
+  no fast bf16 convolutions, so the backend picks. Resolved when the model is built, i.e. on the
+  machine that runs it (an exported config that says "auto" adapts to where it is loaded).
+  """
+  if name != "auto":
+    if name not in _DTYPES:
+      raise ValueError(f"unknown compute_dtype {name!r}; expected 'auto' or one of "
+                       f"{sorted(_DTYPES)}")
+    return name
+  backend = backend or jax.default_backend()
+  return "bfloat16" if backend in ("gpu", "cuda", "rocm", "tpu") else "float32"
+
+
 def build(model_config: ml_collections.ConfigDict) -> SDSeg:
   """Builds the model from `config.model` (official YAML field names; see configs/base.py)."""
-  dtype = _DTYPES[model_config.get("compute_dtype", "float32")]
+  dtype = _DTYPES[resolve_compute_dtype(model_config.get("compute_dtype", "auto"))]
   precision = _PRECISIONS[model_config.get("precision", "default")]
   attention_impl = model_config.get("attention_impl", None)
   common = dict(dtype=dtype, precision=precision, attention_impl=attention_impl)
