@@ -41,7 +41,9 @@ def train_step(state: state_lib.TrainState, batch: Batch, vae_params: Any, *,
 
   def loss_fn(params):
     cond = model.encode_image(params, batch["image"], train=True, rng=k_enc)
-    eps = model.denoise(params["unet"], z_t, cond, t, train=True, rng=k_unet)
+    # Class-embedding (multi-class) runs carry the class of each element's binary target.
+    eps = model.denoise(params["unet"], z_t, cond, t, batch.get("class_id"), train=True,
+                        rng=k_unet)
     return diffusion.sdseg_loss(model.schedule, z0, z_t, t, noise, eps,
                                 config.train.latent_loss_weight)
 
@@ -77,6 +79,8 @@ def compile_train_step(model: sdseg.SDSeg, tx: optax.GradientTransformation,
   gb = config.train.global_batch_size
   batch_spec = {k: jax.ShapeDtypeStruct((gb, image_size, image_size, 3), jnp.float32,
                                         sharding=batch_sh) for k in ("image", "mask")}
+  if model.unet.num_classes is not None:
+    batch_spec["class_id"] = jax.ShapeDtypeStruct((gb,), jnp.int32, sharding=batch_sh)
   start = time.perf_counter()
   compiled = jitted.lower(abstract_state, batch_spec, abstract_vae).compile()
   stats = {"compile_seconds": time.perf_counter() - start}

@@ -24,7 +24,7 @@ from sdseg_jax import checkpoint as checkpoint_lib
 from sdseg_jax import config_lib
 from sdseg_jax import evaluator as evaluator_lib
 from sdseg_jax import logging_lib
-from sdseg_jax import optim
+from sdseg_jax import multiclass
 from sdseg_jax import sharding as sharding_lib
 from sdseg_jax import state as state_lib
 from sdseg_jax import step as step_lib
@@ -138,7 +138,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   mesh = sharding_lib.make_mesh(config.mesh)
   sharding_lib.global_batch_size_check(config.train.global_batch_size, mesh)
   model = sdseg.build(config.model)
-  tx = optim.make_optimizer(config)
+  tx = multiclass.make_optimizer(config)  # optim.make_optimizer, + label_emb lr if multi-class
   rng = jax.random.key(config.seed)
   logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
                jax.process_count())
@@ -151,7 +151,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       config.data, split_dir=_split_dir(workdir),
       global_batch_size=config.train.global_batch_size, process_index=jax.process_index(),
       process_count=jax.process_count(), seed=config.seed,
-      worker_count=config.data.worker_count)
+      worker_count=config.data.worker_count,
+      num_classes=multiclass.num_classes(config.model))
   eval_loader = pipeline.make_eval_loader(
       config.data, config.eval.split, split_dir=_split_dir(workdir),
       batch_size=config.eval.batch_size, process_index=jax.process_index(),

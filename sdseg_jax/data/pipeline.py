@@ -39,21 +39,24 @@ def ensure_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-def _preprocess(data_config, train: bool) -> transforms.Preprocess:
+def _preprocess(data_config, train: bool, keep_label: bool = False) -> transforms.Preprocess:
   return transforms.Preprocess(
       image_size=int(data_config.image_size),
       interpolation=data_config.get("interpolation", "bicubic"),
       target=data_config.get("target", "foreground"),
-      train=train)
+      train=train, keep_label=keep_label)
 
 
 def make_train_loader(data_config, *, split_dir: pathlib.Path, global_batch_size: int,
                       process_index: int, process_count: int, seed: int,
-                      worker_count: int) -> grain.DatasetIterator:
+                      worker_count: int,
+                      num_classes: int | None = None) -> grain.DatasetIterator:
   """Infinite iterator of host-local train batches {"image", "mask"}: f32 (b, S, S, 3).
 
   b = global_batch_size // process_count. Reads `data_config` fields image_size, interpolation,
   target, flip_prob, flips, read_threads, prefetch (and the source's own fields).
+  With `num_classes` (class-embedding runs) the mask is the binary target of one class drawn
+  per element (`transforms.ClassTarget`) and the batch also carries "class_id" int32 (b,).
   """
   if global_batch_size % process_count:
     raise ValueError(f"global batch {global_batch_size} is not divisible by "
@@ -66,7 +69,10 @@ def make_train_loader(data_config, *, split_dir: pathlib.Path, global_batch_size
     raise ValueError(f"train split has {len(source)} samples for {process_count} processes")
 
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-  ds = ds.map(_preprocess(data_config, train=True))
+  ds = ds.map(_preprocess(data_config, train=True, keep_label=num_classes is not None))
+  if num_classes is not None:
+    # Its own stream (seed + 2): the class draw does not shift the flips' randomness.
+    ds = ds.random_map(transforms.ClassTarget(num_classes), seed=seed + 2)
   flip_prob = float(data_config.get("flip_prob", 0.5))
   flips = data_config.get("flips", "hv")
   if flips not in ("hv", "h", "none"):

@@ -84,7 +84,7 @@ class Preprocess(grain.transforms.Map):
   """Raw record -> {"image", "mask"} (train) or {"image", "label", "name", "case", "slice"} (eval)."""
 
   def __init__(self, image_size: int, interpolation: str = "bicubic",
-               target: str = "foreground", train: bool = True):
+               target: str = "foreground", train: bool = True, keep_label: bool = False):
     if interpolation not in _INTERPOLATION:
       raise ValueError(f"unknown interpolation {interpolation!r}")
     if target not in TARGETS:
@@ -93,6 +93,8 @@ class Preprocess(grain.transforms.Map):
     self.interpolation = interpolation
     self.target = target
     self.train = train
+    # Train elements also carry the resized label map (for `ClassTarget`, multi-class runs).
+    self.keep_label = keep_label
 
   def map(self, element: Element) -> Element:
     s = self.image_size
@@ -100,7 +102,10 @@ class Preprocess(grain.transforms.Map):
     label_map = resize_mask(element["mask"], s)
     binary = binary_target(label_map, self.target)
     if self.train:
-      return {"image": image, "mask": target_to_model(binary)}
+      out = {"image": image, "mask": target_to_model(binary)}
+      if self.keep_label:
+        out["label"] = label_map.astype(np.uint8)
+      return out
     label = label_map if self.target == "multiclass" else binary
     return {"image": image, "label": label.astype(np.uint8), "name": str(element["name"]),
             "case": str(element["case"]), "slice": np.int32(element["slice"])}
@@ -131,3 +136,25 @@ class RandomFlips(grain.transforms.RandomMap):
   def random_map(self, element: Element, rng: np.random.Generator) -> Element:
     h, v = rng.random(2) < self.p
     return flip(element, bool(h), bool(v) and self.vertical)
+
+
+class ClassTarget(grain.transforms.RandomMap):
+  """Multi-class training target (official `synapse.py` rule), seeded per element by grain.
+
+  Replaces the element's "label" map by a binary "mask" for one class k drawn uniformly among
+  the classes present ((label == k) for k > 0, the organ union (label != 0) for k = 0) and adds
+  "class_id" (int32). The draw uses grain's per-element rng, not NumPy's global one, so the
+  stream is reproducible and independent of worker processes (the official loader's workers
+  shared one global RNG). Runs after `Preprocess(keep_label=True)` on the resized label map.
+  """
+
+  def __init__(self, num_classes: int):
+    self.num_classes = int(num_classes)
+
+  def random_map(self, element: Element, rng: np.random.Generator) -> Element:
+    from sdseg_jax import multiclass  # pylint: disable=g-import-not-at-top
+    out = dict(element)
+    k, target = multiclass.sample_class(out.pop("label"), self.num_classes, rng)
+    out["mask"] = target_to_model(target)
+    out["class_id"] = np.int32(k)
+    return out
