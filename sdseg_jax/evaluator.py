@@ -110,8 +110,9 @@ class Evaluator:
           "iou": metrics_lib.iou_from_counts(int(inter), int(p), int(g), self.empty_convention)}
       if self.distances:
         ordered = sorted(masks[case], key=lambda item: item[0])
-        pred = np.stack([m for _, m, _ in ordered]) if volumetric else ordered[0][1]
-        gt = np.stack([m for _, _, m in ordered]) if volumetric else ordered[0][2]
+        is_volume = ordered[0][0] >= 0  # 2D images carry slice -1
+        pred = np.stack([m for _, m, _ in ordered]) if is_volume else ordered[0][1]
+        gt = np.stack([m for _, _, m in ordered]) if is_volume else ordered[0][2]
         cases[case]["hd95"], cases[case]["assd"] = metrics_lib.hd95_assd(pred, gt)
     dice = np.array([c["dice"] for c in cases.values()])
     iou = np.array([c["iou"] for c in cases.values()])

@@ -181,7 +181,7 @@ class Predictor:
     self.run = run
     fn = (inference.class_probabilities_flip_tta if tta == "flip"
           else inference.class_probabilities)
-    self._fn = jax.jit(functools.partial(fn, run.model))
+    self._fn = run.jit(f"predict/{tta}", lambda: functools.partial(fn, run.model))
     self._sharding = sharding_lib.batch_sharding(run.mesh)
     self._z_T = inference.run_noise(run.model, seed)
 

@@ -18,12 +18,11 @@ import dataclasses
 import hashlib
 import json
 import pathlib
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
 from sdseg_jax import checkpoint as checkpoint_lib
@@ -63,10 +62,18 @@ class Run:
   checkpoint: str
   step: Optional[int]
   source: str
+  _jitted: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @property
   def num_classes(self) -> Optional[int]:
     return self.model.unet.num_classes
+
+  def jit(self, name: str, build: Callable[[], Callable]) -> Callable:
+    """The jitted function `name`, built once per Run, so repeated predictions or protocols
+    on the same weights (tests, several seeds) compile once."""
+    if name not in self._jitted:
+      self._jitted[name] = jax.jit(build())
+    return self._jitted[name]
 
 
 def parse_checkpoint(value: Union[str, int]) -> Union[str, int]:
@@ -107,15 +114,9 @@ def vae_path(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathli
   return vae_pretrain.saved_path(workdir)
 
 
-def _shape_tree(abstract: Any) -> Any:
-  """Zero-cost arrays of the abstract shapes: `artifacts.check_fits` reads shapes through
-  np.asarray, which turns a ShapeDtypeStruct into a 0-d object array (shape ())."""
-  return jax.tree_util.tree_map(lambda x: np.broadcast_to(np.float32(0), x.shape), abstract)
-
-
 def _read(path: pathlib.Path, key: str, abstract: Any, what: str) -> Any:
   try:
-    return loading.read(str(path), key, _shape_tree(abstract), what)
+    return loading.read(str(path), key, abstract, what)
   except (FileNotFoundError, artifacts.ArtifactError) as e:
     raise RestoreError(str(e)) from e
 
@@ -220,8 +221,7 @@ def _load_export(workdir: pathlib.Path, config: ml_collections.ConfigDict,
   replicated = sharding_lib.replicated(mesh)
   for key, what in (("unet", "unet_params"), ("vision_encoder", "vision_encoder_params")):
     try:
-      artifacts.check_fits(bundle[what], _shape_tree(abstract_params[key]), f"exported {key}",
-                           path)
+      artifacts.check_fits(bundle[what], abstract_params[key], f"exported {key}", path)
     except artifacts.ArtifactError as e:
       raise RestoreError(str(e)) from e
   params = loading.place({"unet": bundle["unet_params"],

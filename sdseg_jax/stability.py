@@ -122,7 +122,7 @@ def stability(run: restore.Run, split: str = "test", seeds: Sequence[int] = tupl
   m = len(seeds)
   default_b = max(1, run.config.eval.batch_size // m)
   loader = evaluate_lib.make_loader(run, split, batch_size or default_b)
-  fn = jax.jit(functools.partial(_runs_probabilities, model=run.model))
+  fn = run.jit("stability", lambda: functools.partial(_runs_probabilities, model=run.model))
   z_runs = jnp.stack([inference.run_noise(run.model, s) for s in seeds])
   batch_sh = sharding_lib.batch_sharding(run.mesh)
   size = run.model.image_size
