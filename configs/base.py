@@ -31,7 +31,7 @@ def data_block(name: str, root: str = "") -> ml_collections.ConfigDict:
 KL_F8_WEIGHTS = "weights/kl-f8.npz"
 LSUN_CHURCHES_UNET_WEIGHTS = "weights/lsun_churches_unet.npz"
 
-VARIANTS = ("", "runlocal", "gpu8", "h100", "v5e8", "cpu_small")
+VARIANTS = ("", "runlocal", "gpu8", "h100", "v5e8", "v5e32", "cpu_small")
 
 
 def small_model(size: int = 64) -> ml_collections.ConfigDict:
@@ -77,6 +77,7 @@ def benchmark_config(dataset: str, root: str, eval_every: int, variant: str = ""
     "gpu8"      8 GPUs, 4 per GPU (global 32, lr scaled to 3.2e-4 as the official --scale_lr)
     "h100"      one H100: 32 per chip in bf16 (about 22 GiB, performance.md)
     "v5e8"      a v5e-8 slice: 8 per chip in bf16 with FSDP-sharded params and Adam moments
+    "v5e32"     a v5e-32 pod slice (8 hosts): the same per chip, data x fsdp = 4 x 8
     "cpu_small" the demo's small model at 64x64 on the real data, VAE pre-trained on its masks
   """
   if variant not in VARIANTS:
@@ -102,10 +103,11 @@ def benchmark_config(dataset: str, root: str, eval_every: int, variant: str = ""
     config.eval.batch_size = 32
   elif variant == "cpu_small":
     use_small_model(config)
-  elif variant == "v5e8":
-    config.train.global_batch_size = 64
+  elif variant in ("v5e8", "v5e32"):
+    # 16 GB per chip: batch 8 in bf16 plus FSDP-sharded state (performance.md section 1.3).
+    config.train.global_batch_size = 64 if variant == "v5e8" else 256
     config.model.compute_dtype = "bfloat16"
-    config.mesh.data, config.mesh.fsdp = 1, 8
+    config.mesh.data, config.mesh.fsdp = -1, 8
     config.mesh.strategy = "fsdp"
   return config
 

@@ -5,7 +5,7 @@
 # Usage: launch/local/cpu8.sh [--config CONFIG] [--workdir DIR] [MAIN ARGS...]
 #   --config   default configs/refuge.py:runlocal
 #   --workdir  default /tmp/sdseg_cpu8 (rerunning resumes from its checkpoints; delete to restart)
-# Other arguments (e.g. --config.total_steps=10) go to `python -m sdseg_jax.main` unchanged.
+# Other arguments (e.g. --config.train.max_steps=10) go to `python -m sdseg_jax.main` unchanged.
 # Environment: PYTHON (default python), CPU_DEVICES (default 8).
 set -euo pipefail
 

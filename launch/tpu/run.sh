@@ -3,7 +3,7 @@
 #
 # Usage: launch/tpu/run.sh --config CONFIG --workdir gs://BUCKET/PATH [--run-name NAME]
 #          [--name NAME] [--zone ZONE] [--project PROJECT] [--allow-local-workdir] [--dry-run]
-#          [-- EXTRA MAIN ARGS, e.g. --config.total_steps=1000]
+#          [-- EXTRA MAIN ARGS, e.g. --config.train.max_steps=1000]
 #
 # Every worker runs, under nohup from REMOTE_DIR with REMOTE_VENV active:
 #   python -m sdseg_jax.main --config CONFIG --workdir WORKDIR [EXTRA...]
