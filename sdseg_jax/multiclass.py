@@ -176,6 +176,21 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
       _param_labels)
 
 
+def lacks_label_emb(path: str, abstract_unet: Mapping[str, Any]) -> bool:
+  """True when the model has a class embedding but the SDSeg weights file at `path` has none.
+
+  That is the official fine-tune start (a binary checkpoint; label_emb stays random). Reads
+  only the npz directory. A missing or unreadable file returns False, so the loader reports it.
+  """
+  if LABEL_EMB not in abstract_unet:
+    return False
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      return not any(k.startswith(f"unet/{LABEL_EMB}/") for k in npz.files)
+  except (OSError, ValueError):
+    return False
+
+
 def sample_class(label_map: np.ndarray, num_classes: int, rng: np.random.Generator
                  ) -> tuple[int, np.ndarray]:
   """One training target of the official multi-class loader, drawn with `rng`.

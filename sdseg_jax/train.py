@@ -109,9 +109,17 @@ def _initial_params(config, model, abstract_params, param_sh, vae_params, rng) -
   params = jax.jit(lambda k: model.init(k)[0], out_shardings=param_sh)(rng)
   if config.init.sdseg:
     for key in ("unet", "vision_encoder"):
-      params[key] = loading.place(
-          loading.read(config.init.sdseg, key, abstract_params[key], f"SDSeg {key}"),
-          param_sh[key])
+      abstract, shardings = abstract_params[key], param_sh[key]
+      # Official multi-class fine-tune: a BINARY SDSeg checkpoint + a random class embedding.
+      fresh = key == "unet" and multiclass.lacks_label_emb(config.init.sdseg, abstract)
+      if fresh:
+        abstract = {k: v for k, v in abstract.items() if k != multiclass.LABEL_EMB}
+        shardings = {k: v for k, v in shardings.items() if k != multiclass.LABEL_EMB}
+      loaded = loading.place(
+          loading.read(config.init.sdseg, key, abstract, f"SDSeg {key}"), shardings)
+      if fresh:
+        loaded[multiclass.LABEL_EMB] = params[key][multiclass.LABEL_EMB]
+      params[key] = loaded
     return params
   # The vision encoder starts as a copy of the (frozen) VAE encoder; its 1x1 `out` stays random.
   params["vision_encoder"]["encoder"] = jax.jit(
