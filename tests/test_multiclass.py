@@ -227,6 +227,30 @@ def test_train_step_restore_and_foreground_eval(tiny_model, tmp_path):
   assert result["n_cases"] == 8 and 0.0 <= result["mean"]["dice"] <= 1.0
 
 
+def test_fine_tune_from_a_binary_checkpoint_keeps_a_random_label_emb(tiny_model, tmp_path):
+  from sdseg_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from sdseg_jax.weights import artifacts  # pylint: disable=g-import-not-at-top
+  model, params, vae = tiny_model
+  binary_unet = {k: v for k, v in params["unet"].items() if k != multiclass.LABEL_EMB}
+  path = tmp_path / "binary_sdseg.npz"
+  host = lambda t: jax.tree_util.tree_map(np.asarray, t)
+  artifacts.save(path, {"unet": host(binary_unet), "vision_encoder": host(
+      params["vision_encoder"]), "vae": host(vae)}, {"kind": "sdseg", "scale_factor": 0.5})
+  config = _config()
+  config.init.sdseg = str(path)
+  assert multiclass.lacks_label_emb(str(path), params["unet"])
+  mesh = sharding_lib.make_mesh(config.mesh)
+  abstract_params, _ = jax.eval_shape(model.init, jax.random.key(0))
+  param_sh = sharding_lib.param_shardings(abstract_params, mesh, "dp")
+  got = train_lib._initial_params(config, model, abstract_params, param_sh, vae,  # pylint: disable=protected-access
+                                  jax.random.key(9))
+  jax.tree_util.tree_map(np.testing.assert_array_equal,
+                         host({k: got["unet"][k] for k in binary_unet}), host(binary_unet))
+  emb = np.asarray(got["unet"][multiclass.LABEL_EMB]["embedding"])
+  assert emb.shape == params["unet"][multiclass.LABEL_EMB]["embedding"].shape
+  assert not np.array_equal(emb, params["unet"][multiclass.LABEL_EMB]["embedding"])
+
+
 # ---- scoring ---------------------------------------------------------------------------------
 
 
