@@ -43,6 +43,20 @@ def test_full_size_detection():
   assert not benchmark.is_full_size(_tiny_config())
 
 
+def test_map_microbatches_equals_one_call():
+  x = jax.numpy.arange(24.0).reshape(6, 4)
+  fn = lambda a, b: (a * 2 + b).sum(axis=-1)
+  expected = fn(x, x)
+  for microbatch in (0, 1, 2, 3, 6):
+    got = jax.jit(lambda a, b, m=microbatch: benchmark.map_microbatches(fn, m, a, b))(x, x)
+    assert (got == expected).all()
+  with pytest.raises(ValueError, match="multiple"):
+    benchmark.map_microbatches(fn, 4, x, x)
+  assert benchmark.resolve_microbatch(None, "cpu") == 1
+  assert benchmark.resolve_microbatch(None, "gpu") == 0
+  assert benchmark.resolve_microbatch(2, "gpu") == 2
+
+
 def test_mfu_basis():
   info = {"peak_tflops": {"bfloat16": 989.4, "float32": 494.7}}
   # 1056 inference images/s is 100% of an H100's dense bf16 peak (performance.md section 2.1).
@@ -54,8 +68,11 @@ def test_mfu_basis():
 
 
 def test_jax_suites_and_json_schema(tmp_path: pathlib.Path):
+  partials = []
   report = benchmark.run(_tiny_config(), ["infer", "train"], [2], ["float32"], warmup=1,
-                         iters=1, command="test", log=lambda _: None)
+                         iters=1, microbatches=[None, 0], command="test",
+                         log=lambda _: None, partial=partials.append)
+  assert report["complete"] and partials and not partials[0]["complete"]
   path = tmp_path / "report.json"
   path.write_text(json.dumps(report))
   report = json.loads(path.read_text())
@@ -63,12 +80,16 @@ def test_jax_suites_and_json_schema(tmp_path: pathlib.Path):
   assert report["torch"] is None and report["ratio"] is None
   jax_block = report["jax"]
   assert jax_block["images_per_s"] > 0
-  assert jax_block["headline"] == {"suite": "infer", "batch": 2, "dtype": "float32"}
+  # "auto" micro-batching is one image per chunk on CPU; 0 is the whole batch at once.
+  assert jax_block["headline"] == {"suite": "infer", "batch": 2, "dtype": "float32",
+                                   "microbatch": 1}
   assert jax_block["compile_s"] > 0
-  infer, train = jax_block["results"]
+  infer, infer_whole, train = jax_block["results"]
+  assert (infer["microbatch"], infer_whole["microbatch"]) == (1, 0)
   _check_entry(infer, "infer", 2)
+  _check_entry(infer_whole, "infer", 2)
   _check_entry(train, "train", 2)
-  for entry in (infer, train):
+  for entry in (infer, infer_whole, train):
     assert entry["compile_s"] > 0
     assert entry["memory"]["peak_bytes"] > 0 and entry["memory"]["peak_source"]
     assert entry["mfu"] is None  # a tiny model has no measured FLOP count
