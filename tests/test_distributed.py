@@ -168,11 +168,14 @@ _WORKER = textwrap.dedent("""
     global_x = jax.make_array_from_process_local_data(sharding, local)
     total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(global_x)
     gathered = multihost_utils.process_allgather(jnp.asarray([info.process_index]))
-    print("RESULT " + json.dumps(dict(
+    # The result goes to its own file: native libraries (Gloo) print to the same stdout/stderr
+    # without newlines, so parsing the console output is racy.
+    with open(sys.argv[1], "w") as f:
+      f.write(json.dumps(dict(
         mode=info.mode, process_index=info.process_index, process_count=info.process_count,
         local=info.local_device_count, devices=info.device_count,
         global_shape=list(global_x.shape), total=float(total),
-        gathered=np.asarray(gathered).ravel().tolist())), flush=True)
+        gathered=np.asarray(gathered).ravel().tolist())))
 """)
 
 
@@ -195,15 +198,16 @@ def test_two_process_cpu_job(tmp_path):
   procs = []
   for pid in range(2):
     env = dict(base_env, SDSEG_PROCESS_ID=str(pid))
-    procs.append(subprocess.Popen([sys.executable, str(script)], env=env, cwd=REPO_ROOT,
+    result_path = tmp_path / f"result{pid}.json"
+    procs.append(subprocess.Popen([sys.executable, str(script), str(result_path)],
+                                  env=env, cwd=REPO_ROOT,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   results = []
   try:
-    for p in procs:
+    for pid, p in enumerate(procs):
       out, _ = p.communicate(timeout=120)
       assert p.returncode == 0, out
-      line = next(l for l in out.splitlines() if l.startswith("RESULT "))
-      results.append(json.loads(line[len("RESULT "):]))
+      results.append(json.loads((tmp_path / f"result{pid}.json").read_text()))
   finally:
     for p in procs:
       if p.poll() is None:
