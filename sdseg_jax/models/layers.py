@@ -10,6 +10,7 @@ statistics as the official code: U(+-1/sqrt(fan_in)) for conv/linear weights and
 uniform with a=sqrt(5)), N(0, 1) for embeddings, and zeros where LDM uses `zero_module`.
 """
 
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -73,16 +74,55 @@ def linear(x: jax.Array, features: int, name: str, *, zero_init: bool = False,
   return layer(x)
 
 
+class GroupNorm(nn.Module):
+  """torch.nn.GroupNorm over NHWC with float32 statistics (params `scale`, `bias`, as Flax's).
+
+  Same maths as `flax.linen.GroupNorm(use_fast_variance=False)`, arranged for speed: the
+  statistics are per-channel sums over the spatial axes, combined per group on the tiny (B, C)
+  arrays, so every pass over the activation is a plain reduction or a fused elementwise op.
+  Flax's version reshapes to (B, HW, G, C/G) and reduces over two non-adjacent axes; on CPU its
+  backward pass was 2.5x slower (10 ms vs 26 ms for a 16x64x64x64 GroupNorm+SiLU fwd+bwd), and
+  GroupNorm is in every residual block.
+  """
+  num_groups: int = 32
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    if channels % self.num_groups:
+      raise ValueError(f"GroupNorm: {channels} channels do not split into {self.num_groups} "
+                       "groups")
+    scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+    x = x.astype(jnp.float32)
+    batch, group_size = x.shape[0], channels // self.num_groups
+    spatial_axes = tuple(range(1, x.ndim - 1))
+    count = group_size * math.prod(x.shape[1:-1])
+
+    def per_channel(group_stat: jax.Array) -> jax.Array:
+      """(B, G) -> (B, 1, ..., 1, C): each group's value on each of its channels."""
+      values = jnp.repeat(group_stat, group_size, axis=1)
+      return values.reshape((batch,) + (1,) * len(spatial_axes) + (channels,))
+
+    def group_sum(per_channel_sum: jax.Array) -> jax.Array:
+      return per_channel_sum.reshape(batch, self.num_groups, group_size).sum(-1)
+
+    mean = per_channel(group_sum(x.sum(spatial_axes)) / count)
+    centred = x - mean
+    # Two-pass variance (not E[x^2] - E[x]^2), to match PyTorch within float32 round-off.
+    variance = group_sum(jnp.square(centred).sum(spatial_axes)) / count
+    inv_std = per_channel(jax.lax.rsqrt(variance + self.epsilon))
+    return centred * inv_std * scale + bias
+
+
 def group_norm(x: jax.Array, name: str, *, epsilon: float, num_groups: int = 32) -> jax.Array:
   """GroupNorm with statistics always in float32, returning x's dtype.
 
   The official UNet computes its norms in float32 (`GroupNorm32`), and under bf16 the statistics
-  over 256x256 VAE activations would otherwise lose precision. The variance uses the two-pass
-  formula (not E[x^2]-E[x]^2) to match PyTorch within float32 round-off.
+  over 256x256 VAE activations would otherwise lose precision.
   """
-  layer = nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=jnp.float32,
-                       use_fast_variance=False, name=name)
-  return layer(x.astype(jnp.float32)).astype(x.dtype)
+  return GroupNorm(num_groups=num_groups, epsilon=epsilon, name=name)(x).astype(x.dtype)
 
 
 def upsample_nearest_2x(x: jax.Array) -> jax.Array:
