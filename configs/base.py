@@ -180,6 +180,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh.fsdp = 1
   # "dp": replicate parameters and optimizer state; "fsdp": shard them over the fsdp axis.
   config.mesh.strategy = "dp"
+  # CPU only: split the host CPU into this many JAX devices, so that data parallelism spreads the
+  # batch over the cores (XLA CPU runs small convolutions on about one core). -1 = one per core,
+  # rounded down to a divisor of the global batch size; 0 = JAX's default (one CPU device).
+  # Ignored when XLA_FLAGS already sets --xla_force_host_platform_device_count.
+  config.mesh.cpu_devices = 0
 
   # ---- evaluation during training (EMA UNet, single step, on the VALIDATION split) -------------
   config.eval = ml_collections.ConfigDict()

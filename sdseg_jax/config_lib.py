@@ -33,6 +33,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
        "config.eval.split='test': model selection during training must never see the test "
        "split (the official code's bug); evaluate on test afterwards with sdseg_jax.evaluate")
   need(config.mesh.strategy in ("dp", "fsdp"), "config.mesh.strategy must be 'dp' or 'fsdp'")
+  need(config.mesh.cpu_devices >= -1,
+       "config.mesh.cpu_devices must be -1 (one per core), 0 (JAX's default) or a count")
   need(config.model.compute_dtype in ("auto", "float32", "bfloat16", "float16"),
        "config.model.compute_dtype must be auto, float32, bfloat16 or float16")
   need(config.model.vae.resolution == config.data.image_size,

@@ -26,7 +26,7 @@ checkpoint directory, which is far worse than a crash.
 from collections.abc import Mapping
 import dataclasses
 import os
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from absl import logging
 import jax
@@ -299,3 +299,16 @@ def _reset_for_tests() -> None:
   """Forgets the cached result (tests only; cannot undo a real jax.distributed.initialize)."""
   global _INFO
   _INFO = None
+
+
+def cpu_device_count(requested: int, global_batch_size: int,
+                     available_cores: Optional[int] = None) -> int:
+  """The number of CPU devices for `config.mesh.cpu_devices` (0 = leave JAX's default).
+
+  -1 asks for one device per core, rounded down to a divisor of the global batch so that the
+  data axis splits the batch evenly.
+  """
+  if requested >= 0:
+    return requested
+  cores = available_cores or len(os.sched_getaffinity(0))
+  return max(n for n in range(1, cores + 1) if global_batch_size % n == 0)

@@ -13,10 +13,12 @@ workdir that holds a checkpoint resumes; a larger --config.train.max_steps conti
 import logging
 import os
 import sys
+from typing import Optional
 
 from absl import app
 from absl import flags
 import jax
+import ml_collections
 from ml_collections import config_flags
 
 from sdseg_jax import config_lib
@@ -28,10 +30,19 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, log
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def configure_jax() -> None:
-  """Process-wide JAX settings: partitionable RNG (sharding-independent random numbers) and a
-  persistent compilation cache, so a resumed or repeated run skips most of its compile time."""
+def configure_jax(config: Optional[ml_collections.ConfigDict] = None) -> None:
+  """Process-wide JAX settings, before any backend starts.
+
+  Partitionable RNG (sharding-independent random numbers), a persistent compilation cache so a
+  resumed or repeated run skips most of its compile time, and the CPU device count of
+  `config.mesh.cpu_devices` (only affects the CPU backend; GPU and TPU runs are unchanged).
+  """
   jax.config.update("jax_threefry_partitionable", True)
+  forced = "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+  if config is not None and not forced:
+    count = distributed.cpu_device_count(config.mesh.cpu_devices, config.train.global_batch_size)
+    if count > 0:
+      jax.config.update("jax_num_cpu_devices", count)
   cache = os.environ.get("SDSEG_COMPILATION_CACHE",
                          os.path.join(os.path.expanduser("~"), ".cache", "sdseg_jax", "xla"))
   if cache:
@@ -52,7 +63,7 @@ def main(argv) -> None:
   logging.getLogger().setLevel(logging.INFO)
   for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
     handler.addFilter(_QuietLibraries())
-  configure_jax()
+  configure_jax(_CONFIG.value)
   distributed.initialize()
   from sdseg_jax import train  # pylint: disable=g-import-not-at-top
   try:

@@ -40,6 +40,7 @@ import pytest
 
 from configs import tiny
 from sdseg_jax import checkpoint as checkpoint_lib
+from sdseg_jax import distributed
 from sdseg_jax import optim
 from sdseg_jax import sharding as sharding_lib
 from sdseg_jax import state as state_lib
@@ -323,8 +324,10 @@ def resharded(tmp_path_factory, reference) -> pathlib.Path:
   def produce(workdir: pathlib.Path) -> None:
     shutil.copytree(reference, workdir)
     log = workdir.parent / "resharded.log"
-    rc = _run(main_command(workdir, f"--config.train.max_steps={MAX_STEPS + 2}"),
-              subprocess_env(tmp_path_factory, 4), log)
+    # Four devices from the config (config.mesh.cpu_devices), not from XLA_FLAGS.
+    rc = _run(main_command(workdir, f"--config.train.max_steps={MAX_STEPS + 2}",
+                           "--config.mesh.cpu_devices=4"),
+              subprocess_env(tmp_path_factory, None), log)
     _check_rc(rc, log)
   return shared_run(tmp_path_factory, "resharded", produce)
 
@@ -339,6 +342,17 @@ def test_checkpoint_from_8_devices_resumes_on_4(resharded):
   state, data_state, _ = restore_checkpoint(resharded)
   assert int(state.step) == MAX_STEPS + 2
   assert data_state == {"next_index": MAX_STEPS + 2}
+
+
+@pytest.mark.parametrize("requested, batch, cores, expected", [
+    (0, 16, 2, 0),   # JAX's default
+    (3, 16, 2, 3),   # an explicit count is taken as given
+    (-1, 16, 2, 2),  # one per core
+    (-1, 16, 6, 4),  # rounded down to a divisor of the batch
+    (-1, 7, 4, 1),
+])
+def test_cpu_device_count(requested, batch, cores, expected):
+  assert distributed.cpu_device_count(requested, batch, available_cores=cores) == expected
 
 
 # ---- config errors ----------------------------------------------------------------------------
