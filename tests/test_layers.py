@@ -1,4 +1,4 @@
-"""layers.GroupNorm against an independent numpy GroupNorm (torch.nn.GroupNorm's definition)."""
+"""layers: GroupNorm against independent references; the folded upsample+conv vs its definition."""
 
 import flax.linen as nn
 import jax
@@ -64,3 +64,39 @@ def test_group_norm_bf16_input_keeps_float32_statistics():
 def test_group_norm_rejects_indivisible_channels():
   with pytest.raises(ValueError, match="48 channels do not split into 32 groups"):
     layers.GroupNorm(num_groups=32).init(jax.random.key(0), jnp.zeros((1, 2, 2, 48)))
+
+
+class _UpsampleThenConv(nn.Module):
+  """The literal definition: nearest x2 upsampling, then a 3x3 'same' conv."""
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    return layers.conv2d(layers.upsample_nearest_2x(x), self.features, "conv")
+
+
+class _Folded(nn.Module):
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    return layers.NearestUpsampleConv(self.features, name="conv")(x)
+
+
+@pytest.mark.parametrize("shape, features", [((2, 7, 9, 32), 48), ((1, 1, 1, 3), 5),
+                                             ((1, 4, 4, 16), 16)])
+def test_nearest_upsample_conv_equals_upsample_then_conv(shape, features):
+  x = jnp.asarray(np.random.default_rng(3).normal(size=shape), jnp.float32)
+  params = _UpsampleThenConv(features).init(jax.random.key(0), x)
+  # Same parameter tree and the same initial values: checkpoints and seeds are unaffected.
+  folded_params = _Folded(features).init(jax.random.key(0), x)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, folded_params)
+  with jax.default_matmul_precision("highest"):
+    want = _UpsampleThenConv(features).apply(params, x)
+    got = _Folded(features).apply(params, x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+    loss = lambda m: lambda p, x: jnp.sum(jnp.cos(m.apply(p, x)))
+    g_want = jax.grad(loss(_UpsampleThenConv(features)), argnums=(0, 1))(params, x)
+    g_got = jax.grad(loss(_Folded(features)), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree_util.tree_leaves(g_got), jax.tree_util.tree_leaves(g_want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
