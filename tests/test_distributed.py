@@ -195,19 +195,19 @@ def test_two_process_cpu_job(tmp_path):
   base_env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
                   PYTHONPATH=str(REPO_ROOT), SDSEG_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                   SDSEG_NUM_PROCESSES="2", SDSEG_INIT_TIMEOUT="60")
+  result_paths = [tmp_path / f"result{pid}.json" for pid in range(2)]
   procs = []
-  for pid in range(2):
+  for pid, result_path in enumerate(result_paths):
     env = dict(base_env, SDSEG_PROCESS_ID=str(pid))
-    result_path = tmp_path / f"result{pid}.json"
     procs.append(subprocess.Popen([sys.executable, str(script), str(result_path)],
                                   env=env, cwd=REPO_ROOT,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   results = []
   try:
-    for pid, p in enumerate(procs):
+    for p, result_path in zip(procs, result_paths):
       out, _ = p.communicate(timeout=120)
       assert p.returncode == 0, out
-      results.append(json.loads((tmp_path / f"result{pid}.json").read_text()))
+      results.append(json.loads(result_path.read_text()))
   finally:
     for p in procs:
       if p.poll() is None:
