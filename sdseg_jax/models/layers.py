@@ -93,9 +93,10 @@ class NearestUpsampleConv(nn.Module):
     pads = {0: (1, 0), 1: (0, 1)}
     phases = []
     for a in (0, 1):
+      row_folded = fold(kernel, 0, a)
       row = []
       for b in (0, 1):
-        k = fold(fold(kernel, 0, a), 1, b).astype(self.dtype)
+        k = fold(row_folded, 1, b).astype(self.dtype)
         y = jax.lax.conv_general_dilated(
             x.astype(self.dtype), k, window_strides=(1, 1), padding=(pads[a], pads[b]),
             dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision)
