@@ -53,12 +53,27 @@ class MetricWriter:
       self._tb.close()
 
 
-def check_finite(metrics: Mapping[str, Any], step: int) -> None:
-  """The NaN guard of the logging steps: stop at once rather than train on garbage."""
-  bad = [k for k, v in metrics.items() if not np.all(np.isfinite(np.asarray(v)))]
+class TrainingDiverged(FloatingPointError):
+  """Non-finite training metrics: the run stops, and nothing of that state is saved."""
+
+
+def check_finite(metrics: Mapping[str, Any], step: int, last_good: str = "") -> None:
+  """The NaN guard of the logging and checkpoint steps: stop rather than train or save garbage.
+
+  The message names the step, the loss terms and the last good checkpoint (`last_good`), so a
+  user knows what to resume from; the caller raises before saving, so that checkpoint stays the
+  newest one.
+  """
+  values = {k: np.asarray(v) for k, v in metrics.items()}
+  bad = sorted(k for k, v in values.items() if not np.all(np.isfinite(v)))
   if bad:
-    raise FloatingPointError(f"non-finite metrics at step {step}: {bad}; lower the learning "
-                             "rate or check the input data")
+    terms = ", ".join(f"{k}={float(values[k]):.6g}" for k in sorted(values)
+                      if k.startswith("loss") and values[k].size == 1)
+    resume = (f"the last good checkpoint is {last_good}" if last_good
+              else "no checkpoint was saved before it")
+    raise TrainingDiverged(
+        f"non-finite metrics at step {step}: {bad} ({terms}); this state was not saved and "
+        f"{resume}. Lower the learning rate or check the input data.")
 
 
 def format_metrics(metrics: Mapping[str, Any], keys: Optional[list] = None) -> str:

@@ -23,6 +23,7 @@ from ml_collections import config_flags
 
 from sdseg_jax import config_lib
 from sdseg_jax import distributed
+from sdseg_jax import logging_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -68,7 +69,8 @@ def main(argv) -> None:
   from sdseg_jax import train  # pylint: disable=g-import-not-at-top
   try:
     result = train.run(_CONFIG.value, _WORKDIR.value)
-  except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
+  except (config_lib.ConfigError, FileNotFoundError, ValueError,
+          logging_lib.TrainingDiverged) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -135,6 +135,12 @@ def _initial_params(config, model, abstract_params, param_sh, vae_params, rng) -
   return params
 
 
+def _last_good(ckpt: checkpoint_lib.Checkpointer) -> str:
+  """Where a resume would start from: the newest saved step's folder, or "" if none."""
+  step = ckpt.latest_step()
+  return "" if step is None else f"{ckpt.directory}/{step} (step {step})"
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Trains (or resumes) a run in `workdir` up to config.train.max_steps; returns final metrics."""
   workdir = pathlib.Path(workdir)
@@ -232,7 +238,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       final = done == config.train.max_steps
       if done % config.log.every_steps == 0 or final:
         metrics = jax.device_get(metrics)
-        logging_lib.check_finite(metrics, done)
+        logging_lib.check_finite(metrics, done, _last_good(ckpt))
         now = time.perf_counter()
         rate = (done - tick_step) * config.train.global_batch_size / max(now - tick, 1e-9)
         tick, tick_step = now, done
@@ -249,6 +255,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
         last_eval = _evaluate(evaluator, state, vae_params, config, workdir, writer, done)
         ckpt_metrics = {"eval/dice": last_eval["dice"], "eval/iou": last_eval["iou"]}
       if done % config.checkpoint.every_steps == 0 or final or stopping:
+        # Never save a diverged state: the previous checkpoint stays the newest one.
+        metrics = jax.device_get(metrics)
+        logging_lib.check_finite(metrics, done, _last_good(ckpt))
         ckpt.save(done, state, data_state=train_iter.get_state(), metrics=ckpt_metrics,
                   extra={"scale_factor": float(state.scale_factor)}, force=stopping)
       if stopping:

@@ -366,3 +366,32 @@ def test_config_typo_fails_naming_the_key(tmp_path, tmp_path_factory):
   assert result.returncode != 0
   assert "max_stepz" in result.stderr
   assert not workdir.exists()  # nothing started
+
+
+# ---- divergence ------------------------------------------------------------------------------
+
+
+def test_non_finite_loss_stops_without_saving_and_names_the_last_good_checkpoint(
+    tmp_path, tmp_path_factory):
+  """A learning rate of 1e30 blows the weights up at step 1, so step 2's loss is not finite.
+
+  Step 2 is a checkpoint step but not a logging step: the guard before the save must stop the
+  run there, with a one-line error naming the step, the loss terms and checkpoint 1.
+  """
+  workdir = tmp_path / "diverged"
+  log = tmp_path / "diverged.log"
+  rc = _run(main_command(workdir, "--config.optim.base_lr=1e30", "--config.optim.warmup_steps=0",
+                         "--config.checkpoint.every_steps=1", "--config.log.every_steps=100",
+                         "--config.eval.every_steps=100"),
+            subprocess_env(tmp_path_factory, 8), log)
+  text = log.read_text()
+  _check_rc(rc, log, expected=2)
+  error = [line for line in text.splitlines() if line.startswith("error: ")]
+  assert len(error) == 1 and "Traceback" not in text, text[-3000:]
+  assert "non-finite metrics at step 2" in error[0] and "loss=" in error[0], error[0]
+  assert f"{workdir / 'checkpoints'}/1 (step 1)" in error[0], error[0]
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                if p.name.isdigit()) == [1]
+  state, _, _ = restore_checkpoint(workdir)
+  assert int(state.step) == 1
+  assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state.params))
