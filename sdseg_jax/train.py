@@ -8,11 +8,12 @@ restored, so the resumed run sees exactly the batches an uninterrupted run would
 SIGTERM (preemptible TPUs, SLURM requeue) finishes the current step, saves and exits cleanly.
 """
 
+import contextlib
 import logging
 import pathlib
 import signal
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -135,6 +136,20 @@ def _initial_params(config, model, abstract_params, param_sh, vae_params, rng) -
   return params
 
 
+@contextlib.contextmanager
+def _finish_saves_on_error(ckpt: checkpoint_lib.Checkpointer) -> Iterator[None]:
+  """On any error in the loop, lets an in-flight async save commit before the error propagates.
+
+  Otherwise the interpreter shuts down under orbax's writer threads, and the checkpoint being
+  written (the last good one, when the loop stops on a diverged step) is left half-written.
+  """
+  try:
+    yield
+  except BaseException:
+    ckpt.close()
+    raise
+
+
 def _last_good(ckpt: checkpoint_lib.Checkpointer) -> str:
   """Where a resume would start from: the newest saved step's folder, or "" if none."""
   step = ckpt.latest_step()
@@ -227,7 +242,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   last_eval: Dict[str, Any] = {}
   start_step = int(state.step)
   tick, tick_step = time.perf_counter(), start_step
-  with _StopRequest() as stop:
+  with _StopRequest() as stop, _finish_saves_on_error(ckpt):
     for step in range(start_step, config.train.max_steps):
       batch = first_batch if first_batch is not None else next(train_iter)
       first_batch = None

@@ -373,14 +373,15 @@ def test_config_typo_fails_naming_the_key(tmp_path, tmp_path_factory):
 
 def test_non_finite_loss_stops_without_saving_and_names_the_last_good_checkpoint(
     tmp_path, tmp_path_factory):
-  """A learning rate of 1e30 blows the weights up at step 1, so step 2's loss is not finite.
+  """A warm-up from 1e-6 to 1e30 keeps step 1 sane and blows the weights up at step 2.
 
   Step 2 is a checkpoint step but not a logging step: the guard before the save must stop the
   run there, with a one-line error naming the step, the loss terms and checkpoint 1.
   """
   workdir = tmp_path / "diverged"
   log = tmp_path / "diverged.log"
-  rc = _run(main_command(workdir, "--config.optim.base_lr=1e30", "--config.optim.warmup_steps=0",
+  rc = _run(main_command(workdir, "--config.optim.base_lr=1e30", "--config.optim.warmup_steps=2",
+                         "--config.optim.warmup_start_factor=1e-36",
                          "--config.checkpoint.every_steps=1", "--config.log.every_steps=100",
                          "--config.eval.every_steps=100"),
             subprocess_env(tmp_path_factory, 8), log)
