@@ -5,9 +5,10 @@ refuses an incomplete or ambiguous set, that the trace reduction counts each dev
 and that `launch/device_benchmark.sh --dry-run` runs every step of the real script's flow on
 CPU and leaves the files a lent machine would return.
 
-The download of the real wheelhouse and its install into a clean Python 3.12 venv that holds
-the image's packages needs the registry and takes minutes: it runs only with
-SDSEG_WHEELHOUSE_TEST=1 (see launch/README.md).
+The dry run takes minutes on 2 cores, so it runs where it matters, in CI's Python 3.12 /
+jax 0.11.2 job (SDSEG_DEVICE_DRY_RUN=1). The download of the real wheelhouse and its install
+into a clean Python 3.12 venv that holds the image's packages needs the registry and takes
+minutes: it runs only with SDSEG_WHEELHOUSE_TEST=1 (see launch/README.md).
 """
 
 import csv
@@ -212,6 +213,9 @@ def test_probe_refuses_a_missing_gpu(tmp_path):
   assert summary["stack"]["packages"]["jax"] and summary["steps"] == []
 
 
+@pytest.mark.skipif(os.environ.get("SDSEG_DEVICE_DRY_RUN") != "1",
+                    reason="six JAX processes, minutes on 2 cores: .ci/run runs it once, in the "
+                           "Python 3.12 / jax 0.11.2 job (set SDSEG_DEVICE_DRY_RUN=1)")
 def test_device_benchmark_dry_run(tmp_path):
   """Every step of the real flow on CPU; the files a lent machine returns, at most 8."""
   out = tmp_path / "out"
@@ -233,7 +237,7 @@ def test_device_benchmark_dry_run(tmp_path):
   assert all(s["status"] == "ok" for s in steps.values()), steps
   assert steps["infer_bf16"]["outputs"] == {"infer_bf16.json": {"complete": True}}
   infer = json.loads((out / "infer_bf16.json").read_text())
-  assert [r["batch"] for r in infer["jax"]["results"]] == [1, 2]
+  assert [r["batch"] for r in infer["jax"]["results"]] == [2]
   assert {r["dtype"] for r in infer["jax"]["results"]} == {"bfloat16"}
   train = json.loads((out / "train_bf16.json").read_text())
   assert train["jax"]["results"][0]["suite"] == "train"
