@@ -31,7 +31,7 @@ def data_block(name: str, root: str = "") -> ml_collections.ConfigDict:
 KL_F8_WEIGHTS = "weights/kl-f8.npz"
 LSUN_CHURCHES_UNET_WEIGHTS = "weights/lsun_churches_unet.npz"
 
-VARIANTS = ("", "runlocal", "gpu8", "h100", "v5e8", "v5e32", "cpu_small")
+VARIANTS = ("", "runlocal", "gpu8", "h100", "h200", "v5e8", "v5e32", "cpu_small")
 
 
 def small_model(size: int = 64) -> ml_collections.ConfigDict:
@@ -83,6 +83,7 @@ def benchmark_config(dataset: str, root: str, eval_every: int, variant: str = ""
     "runlocal"  a CPU smoke run: batch 2, 10 steps, evaluation on 8 validation cases
     "gpu8"      8 GPUs, 4 per GPU (global 32, lr scaled to 3.2e-4 as the official --scale_lr)
     "h100"      one H100: 32 per chip in bf16 (about 22 GiB, performance.md)
+    "h200"      one H200 (141 GB): 64 per chip in bf16 (estimated 37 GiB, BENCHMARKS.md)
     "v5e8"      a v5e-8 slice: 8 per chip in bf16 with FSDP-sharded params and Adam moments
     "v5e32"     a v5e-32 pod slice (8 hosts): the same per chip, data x fsdp = 4 x 8
     "cpu_small" the demo's small model at 64x64 on the real data, VAE pre-trained on its masks
@@ -108,6 +109,12 @@ def benchmark_config(dataset: str, root: str, eval_every: int, variant: str = ""
     config.train.global_batch_size = 32
     config.model.compute_dtype = "bfloat16"
     config.eval.batch_size = 32
+  elif variant == "h200":
+    # Twice the H100 batch: the estimate (37 GiB) leaves half the card free even next to the
+    # PyTorch baseline in the benchmark's process, and the per-step optimizer traffic halves.
+    config.train.global_batch_size = 64
+    config.model.compute_dtype = "bfloat16"
+    config.eval.batch_size = 64
   elif variant == "cpu_small":
     use_small_model(config)
   elif variant in ("v5e8", "v5e32"):

@@ -352,12 +352,17 @@ class JaxInference:
     compiled, seconds, _ = self._compiled[batch]
     return compiled, seconds
 
+  def call(self, batch: int) -> Callable[[], Any]:
+    """One inference call at `batch` on a fixed synthetic batch (compiled first if needed)."""
+    compiled, _ = self.compile(batch)
+    image = jnp.asarray(synthetic_batch(batch, self.model.image_size)["image"])
+    key = jax.random.key(2)
+    return lambda: compiled(self.params, self.vae, image, key)
+
   def measure(self, batch: int, warmup: int, iters: int, info: Dict[str, Any]) -> Dict[str, Any]:
     load_before = load_average()
     compiled, compile_s = self.compile(batch)
-    image = jnp.asarray(synthetic_batch(batch, self.model.image_size)["image"])
-    key = jax.random.key(2)
-    timing = _timed(lambda: compiled(self.params, self.vae, image, key), warmup, iters)
+    timing = _timed(self.call(batch), warmup, iters)
     result = _summary("infer", batch, self.dtype, timing, compiled, compile_s, self.full_size,
                       info, load_before)
     result["microbatch"] = self.microbatch
@@ -402,10 +407,12 @@ class JaxTrain:
                              jax.device_put(vae, vae_sh))
     return self._compiled[batch]
 
-  def measure(self, batch: int, warmup: int, iters: int, info: Dict[str, Any]) -> Dict[str, Any]:
-    load_before = load_average()
-    compiled, compile_s, make_state, vae = self.compile(batch)
-    # A fresh state per measurement: the step donates (consumes) its input state.
+  def call(self, batch: int) -> Callable[[], Tuple[jax.Array, jax.Array]]:
+    """One train step at `batch` per call, on a fresh state (the step donates its input state).
+
+    Returns (step counter, loss) of the step; the state is carried between calls.
+    """
+    compiled, _, make_state, vae = self.compile(batch)
     state = make_state(self._params[0], jnp.float32(0.18215))
     batch_arrays = sharding_lib.host_batch_to_global(
         synthetic_batch(batch, self.model.image_size), self.mesh)
@@ -415,12 +422,18 @@ class JaxTrain:
       holder["state"], metrics = compiled(holder["state"], batch_arrays, vae)
       return holder["state"].step, metrics["loss"]
 
+    return step
+
+  def measure(self, batch: int, warmup: int, iters: int, info: Dict[str, Any]) -> Dict[str, Any]:
+    load_before = load_average()
+    compiled, compile_s, _, _ = self.compile(batch)
+    step = self.call(batch)
     timing = _timed(step, warmup, iters)
     loss = float(jax.device_get(step()[1]))
     result = _summary("train", batch, self.dtype, timing, compiled, compile_s, self.full_size,
                       info, load_before)
     result["final_loss"] = loss
-    del holder
+    del step
     return result
 
 
