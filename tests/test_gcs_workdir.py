@@ -322,9 +322,10 @@ def test_tfds_build_in_the_bucket_feeds_training(gcs_server, shared_data, tmp_pa
   if fs.exists(_key(workdir)):
     fs.rm(_key(workdir), recursive=True)
   env = _env(tmp_path_factory, gcs_server)
-  env["HOME"] = str(tmp_path / "home")  # the staged copy goes to ~/.cache/sdseg_jax/tfds
+  cache = tmp_path / "tfds_cache"  # where each host stages the build
   flags = [f"--config.data.{k}={v}" for k, v in fields.items()] + [
       "--config.data.format=tfds", f"--config.data.tfds_data_dir={remote}",
+      f"--config.data.tfds_cache_dir={cache}",
       "--config.data.root=/nonexistent/not-read-with-tfds", "--config.train.max_steps=1"]
   cwd = tmp_path / "cwd"
   cwd.mkdir()
@@ -336,7 +337,6 @@ def test_tfds_build_in_the_bucket_feeds_training(gcs_server, shared_data, tmp_pa
   # The run's split files (seeded from the build) are in the bucket workdir.
   built = (tmp_path / "build_splits" / "train.txt").read_text()
   assert fs.cat_file(f"{_key(workdir)}/splits/train.txt").decode() == built
-  staged = list((tmp_path / "home" / ".cache" / "sdseg_jax" / "tfds" / BUCKET / "tfds")
-                .rglob("*.array_record*"))
+  staged = list((cache / BUCKET / "tfds").rglob("*.array_record*"))
   assert staged, "the build was not staged to local disk"
   assert list(cwd.iterdir()) == []
