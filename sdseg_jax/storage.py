@@ -17,7 +17,8 @@ all). Local files keep the temporary-file + rename pattern.
 
 Testing against an emulator (fake-gcs-server): STORAGE_EMULATOR_HOST points gcsfs at it,
 TENSORSTORE_GCS_HTTP_URL + GOOGLE_AUTH_TOKEN_FOR_TESTING point tensorstore (orbax) at it, and the
-credentials check is skipped because the emulator accepts anonymous requests.
+credentials check is skipped because the emulator accepts anonymous requests. gcsfs's zonal-bucket
+probe speaks gRPC, which emulators do not serve: set GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false.
 """
 
 from __future__ import annotations
@@ -95,33 +96,33 @@ def _check_credentials(where: str) -> None:
 def check_bucket(value: PathLike, *, write: bool) -> None:
   """Fails early, naming `value`, when a gs:// path cannot be used; a no-op for local paths.
 
-  Checks that credentials exist, that the bucket exists and is visible, and with `write` that an
-  object can be written and deleted under `value` (a probe object with a unique name).
-  gcsfs would otherwise fall back to anonymous access and fail later, or create the bucket on
-  `mkdir(parents=True)`.
+  Checks that credentials exist and that the bucket exists; with `write`, by writing and
+  deleting a probe object with a unique name under `value` (which needs object permissions
+  only), otherwise by looking the bucket up. gcsfs would otherwise fall back to anonymous
+  access and fail later, or create the bucket on `mkdir(parents=True)`.
   """
   if not is_remote(value):
     return
   where = os.fspath(value)
   _check_credentials(where)
   name = bucket(where)
+  missing = (f"{where}: bucket gs://{name} does not exist (or these credentials cannot see it); "
+             f"create it with `gcloud storage buckets create gs://{name} --location=REGION` or "
+             "fix the path")
   try:
-    exists = epath.Path(f"{_SCHEME}://{name}").exists()
-  except Exception as e:  # gcsfs raises HttpError, OSError, aiohttp errors...
-    raise StorageError(f"{where}: cannot reach bucket gs://{name} ({type(e).__name__}: "
-                       f"{e})") from e
-  if not exists:
-    raise StorageError(f"{where}: bucket gs://{name} does not exist (or these credentials "
-                       f"cannot see it); create it with `gcloud storage buckets create "
-                       f"gs://{name} --location=REGION` or fix the path")
-  if write:
-    probe = path(where) / f".sdseg_write_probe_{uuid.uuid4().hex}"
-    try:
+    if write:  # an upload into a missing bucket is a 404, i.e. FileNotFoundError
+      probe = path(where) / f".sdseg_write_probe_{uuid.uuid4().hex}"
       probe.write_bytes(b"")
       probe.unlink()
-    except Exception as e:
-      raise StorageError(f"{where}: cannot write to gs://{name} ({type(e).__name__}: {e}); "
-                         "check the bucket's IAM permissions (roles/storage.objectAdmin)") from e
+    elif not epath.Path(f"{_SCHEME}://{name}").exists():
+      raise FileNotFoundError(name)
+  except FileNotFoundError:
+    raise StorageError(missing) from None
+  except Exception as e:  # gcsfs raises OSError (403), HttpError, aiohttp errors...
+    action = "write to" if write else "read from"
+    raise StorageError(f"{where}: cannot {action} gs://{name} ({type(e).__name__}: {e}); check "
+                       "the bucket's IAM permissions (roles/storage.objectAdmin to write, "
+                       "roles/storage.objectViewer to read)") from e
 
 
 def write_bytes_atomic(target: PathLike, data: bytes) -> None:

