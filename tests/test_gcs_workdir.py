@@ -277,6 +277,7 @@ def test_stability_plots_and_convert_write_to_the_bucket(gcs_run, gcs_server, of
              "--out", f"{out}/klf8.npz"], env, tmp_path, log)
   loop._check_rc(rc, log)  # pylint: disable=protected-access
   local = tmp_path / "klf8.npz"
+  fs.invalidate_cache()  # gcsfs lists `outputs/` from its cache otherwise
   fs.get_file(f"{_key(out)}/klf8.npz", str(local))
   tree, meta = artifacts.load(local)
   assert meta["kind"] == "autoencoder" and "vae" in tree
