@@ -206,7 +206,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   if ckpt.latest_step() is not None:
     state, data_state, _ = ckpt.restore(abstract_state_sh)
     if data_state is not None:
-      train_iter.set_state(data_state)
+      pipeline.restore_train_state(train_iter, data_state,
+                                   str(ckpt.directory / str(ckpt.latest_step())))
     logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
   else:
     params = _initial_params(config, model, abstract_params, param_sh, vae_params,

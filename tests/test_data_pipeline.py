@@ -91,16 +91,35 @@ def test_state_restore_resumes_exactly(polyp_config, split_dir):
     np.testing.assert_array_equal(got["mask"], want["mask"])
 
 
-def test_worker_processes_give_the_same_stream(polyp_config, split_dir):
-  want = [next(_loader(polyp_config, split_dir)) for _ in range(1)]
+def test_worker_processes_give_the_same_stream_and_resume_exactly(polyp_config, split_dir):
+  plain = _loader(polyp_config, split_dir)
+  want = [next(plain) for _ in range(6)]
+  ids = lambda batch: fakes.sample_ids(batch["image"])
   it = _loader(polyp_config, split_dir, worker_count=1)
   try:
-    got = next(it)
-    np.testing.assert_array_equal(got["image"], want[0]["image"])
+    for expected in want[:3]:
+      got = next(it)
+      np.testing.assert_array_equal(got["image"], expected["image"])
+      np.testing.assert_array_equal(got["mask"], expected["mask"])
     state = it.get_state()
-    assert state  # checkpointable with workers too
   finally:
     it.close()
+  # The state saved with workers resumes exactly at batch 3.
+  for workers in (1,):
+    resumed = _loader(polyp_config, split_dir, worker_count=workers)
+    try:
+      pipeline.restore_train_state(resumed, state, "ckpt/3")
+      for expected in want[3:]:
+        got = next(resumed)
+        assert ids(got) == ids(expected), workers
+        np.testing.assert_array_equal(got["image"], expected["image"])
+        np.testing.assert_array_equal(got["mask"], expected["mask"])
+    finally:
+      if workers:
+        resumed.close()
+  # Without workers the saved structure differs: a clear error, not grain's bare KeyError.
+  with pytest.raises(ValueError, match=r"ckpt/3: .*worker_count"):
+    pipeline.restore_train_state(_loader(polyp_config, split_dir), state, "ckpt/3")
 
 
 def test_eval_loader_pads_with_valid_flags(polyp_config, split_dir):

@@ -9,7 +9,9 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from flax import traverse_util
 
 from sdseg_jax import config_lib
 from sdseg_jax import evaluate
@@ -62,9 +64,13 @@ def test_single_step_and_ddim_json(workdir, capsys):
     assert math.isclose(result["mean"]["dice"], float(np.mean(dice)), abs_tol=1e-12)
   assert single["sampler"]["kind"] == "single_step" and single["sampler"]["steps"] == 1
   assert ddim["sampler"] == {**ddim["sampler"], "kind": "ddim", "steps": 2, "eta": 1.0}
-  # The offline evaluation reproduces the in-training one (same weights, noise, batches).
+  # The offline evaluation reproduces the in-training one (same weights, noise, batches), and
+  # the comparison can see wrong weights: the cases differ from one another and the step-2
+  # evaluation differs from the step-4 one by far more than the tolerance.
   assert single["mean"]["dice"] == pytest.approx(_training_eval(workdir, 4)["eval/dice"],
                                                  abs=1e-6)
+  assert single["std"]["dice"] > 1e-3
+  assert abs(_training_eval(workdir, 2)["eval/dice"] - single["mean"]["dice"]) > 1e-4
 
 
 def test_export_equals_last_checkpoint(workdir, tmp_path):
@@ -74,9 +80,18 @@ def test_export_equals_last_checkpoint(workdir, tmp_path):
   result = json.loads(out.read_text())
   assert result["checkpoint"]["requested"] == "export"
   assert result["checkpoint"]["step"] is None
-  # The bundle holds the final EMA UNet and live encoder, i.e. the last checkpoint's weights.
+  # The bundle holds the final EMA UNet and live encoder, i.e. the last checkpoint's weights:
+  # case by case equal to step 4, and not to step 2 (so a stale export would fail).
   assert result["mean"]["dice"] == pytest.approx(_training_eval(workdir, 4)["eval/dice"],
                                                  abs=1e-6)
+  assert abs(_training_eval(workdir, 2)["eval/dice"] - result["mean"]["dice"]) > 1e-4
+  last = tmp_path / "last.json"
+  assert evaluate.main(["--workdir", str(workdir), "--split", "val", "--checkpoint", "last",
+                        "--json", str(last)]) == 0
+  by_case = json.loads(last.read_text())["cases"]
+  assert set(by_case) == set(result["cases"])
+  for name, case in result["cases"].items():
+    assert case["dice"] == pytest.approx(by_case[name]["dice"], abs=1e-6), name
 
 
 def test_checkpoint_selection(workdir):
@@ -87,9 +102,21 @@ def test_checkpoint_selection(workdir):
   last = restore.load_run(workdir, "latest")
   assert last.step == 4
   assert float(last.scale_factor) > 0
-  # EMA UNet, not the raw one: the run's EMA decay makes them differ after 4 steps.
-  assert jax.tree_util.tree_structure(last.params["unet"]) == jax.tree_util.tree_structure(
-      step2.params["unet"])
+  # Inference uses the EMA UNet, not the raw one: read both from the checkpoint on disk with
+  # orbax directly (independent of restore.py); the run's EMA decay makes them differ.
+  stored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "4" / "state")
+  flat = lambda tree: {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
+  restored, ema, raw = (flat(last.params["unet"]), flat(stored["ema_unet"]),
+                        flat(stored["params"]["unet"]))
+  assert restored.keys() == ema.keys() == raw.keys()
+  for key in restored:
+    np.testing.assert_array_equal(restored[key], ema[key], err_msg=str(key))
+  assert any(not np.array_equal(ema[k], raw[k]) for k in restored)
+  for key, value in flat(last.params["vision_encoder"]).items():  # the live encoder
+    np.testing.assert_array_equal(value, flat(stored["params"]["vision_encoder"])[key])
+  assert any(not np.array_equal(a, b) for a, b in zip(
+      jax.tree_util.tree_leaves(step2.params["unet"]), jax.tree_util.tree_leaves(
+          last.params["unet"])))
 
 
 @pytest.mark.parametrize("args, message", [

@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from sdseg_jax import benchmark
 from sdseg_jax import checkpoint as checkpoint_lib
 from sdseg_jax import config_lib
 from sdseg_jax import evaluate
@@ -83,8 +84,20 @@ def tiny_model():
   return model, params, vae
 
 
-def test_predict_labels_is_one_batched_pass_per_class(tiny_model):
-  model, params, vae = tiny_model
+@pytest.fixture(scope="module")
+def trained_like_model(tiny_model):
+  """The tiny model with random non-zero weights everywhere.
+
+  `init` zero-initialises the UNet's output conv, so eps = 0 and every class decodes to the
+  same map: a test on init weights cannot see ignored or permuted class ids.
+  """
+  model = tiny_model[0]
+  params, vae = benchmark.random_params(model, seed=3)
+  return model, params, vae
+
+
+def test_predict_labels_is_one_batched_pass_per_class(trained_like_model):
+  model, params, vae = trained_like_model
   image = jax.random.uniform(jax.random.key(1), (2, SIZE, SIZE, 3), minval=-1, maxval=1)
   z_T = jax.random.normal(jax.random.key(2), (2, model.latent_size, model.latent_size,
                                               model.latent_channels))
@@ -102,6 +115,10 @@ def test_predict_labels_is_one_batched_pass_per_class(tiny_model):
     return jnp.mean(model.decode(v, z0, scale), axis=-1)
 
   separate = jnp.stack([one_class(params, vae, image, z_T, k) for k in range(K)])
+  # The class id must change the map, or the comparisons below could not see a wrong class.
+  for a in range(K):
+    for b in range(a + 1, K):
+      assert float(jnp.abs(separate[a] - separate[b]).max()) > 1e-2, (a, b)
   np.testing.assert_allclose(out["maps"], separate, atol=1e-4, rtol=1e-4)
   np.testing.assert_array_equal(out["labels"], jnp.argmax(
       multiclass.scores_to_probabilities(separate), -1))

@@ -80,6 +80,39 @@ def test_folder_of_images_and_a_volume(run, tmp_path, capsys):
   assert len(manifest["outputs"]) == 5
 
 
+def test_written_outputs_equal_the_in_process_predictor(run, tmp_path):
+  """The files are the model's predictions, recomputed here without the CLI's own I/O path.
+
+  Preprocessing (Pillow bilinear resize, /127.5 - 1) and upsampling are written out in this test;
+  only the model call goes through `predict.Predictor`.
+  """
+  inputs = tmp_path / "in"
+  inputs.mkdir()
+  originals = {"wide": _image(0, 40, 56), "tall": _image(5, 50, 30)}
+  for name, image in originals.items():
+    Image.fromarray(image).save(inputs / f"{name}.png")
+  out = tmp_path / "out"
+  assert predict.main(["--workdir", str(run.workdir), "--checkpoint", "last", "--input",
+                       str(inputs), "--output", str(out), "--no-progress"]) == 0
+  size = run.model.image_size
+  model_in = np.stack([np.asarray(Image.fromarray(image).resize(
+      (size, size), Image.Resampling.BILINEAR), np.float32) / 127.5 - 1.0
+                       for image in originals.values()])
+  probs = predict.Predictor(run, batch_size=8)(model_in)
+  for (name, image), p in zip(originals.items(), probs):
+    h, w = image.shape[:2]
+    want = np.clip(np.asarray(Image.fromarray(np.ascontiguousarray(p[..., 0])).resize(
+        (w, h), Image.Resampling.BILINEAR)), 0.0, 1.0)
+    assert want.std() > 1e-3, name  # a constant map could not tell right from wrong here
+    got = np.asarray(Image.open(out / "probabilities" / f"{name}.png"), np.float32) / 255.0
+    np.testing.assert_allclose(got, want, atol=1.01 / 255, err_msg=name)
+    mask = np.asarray(Image.open(out / "masks" / f"{name}.png"))
+    decided = np.abs(want - 0.5) > 1e-3
+    np.testing.assert_array_equal((mask[decided] == 255), want[decided] > 0.5, err_msg=name)
+    tinted = np.any(np.asarray(Image.open(out / "overlays" / f"{name}.png")) != image, axis=-1)
+    np.testing.assert_array_equal(tinted, mask == 255, err_msg=name)
+
+
 def test_volume_windowing_follows_the_run_dataset():
   config = trained_run.tiny_config()
   data = np.array([[[-500.0, 0.0, 275.0, 1000.0]]])

@@ -95,6 +95,23 @@ def make_train_loader(data_config, *, split_dir: pathlib.Path, global_batch_size
   return iter(it)
 
 
+def restore_train_state(iterator: grain.DatasetIterator, state: Any, source: str) -> None:
+  """`iterator.set_state(state)`, with an error that says why a saved state does not fit.
+
+  grain's state layout depends on the pipeline's shape: an iterator with worker processes
+  (`config.data.worker_count > 0`) saves another structure than one without, and restoring one
+  into the other fails deep inside grain with a bare KeyError.
+  """
+  try:
+    iterator.set_state(state)
+  except (KeyError, ValueError, TypeError, IndexError) as e:
+    raise ValueError(
+        f"{source}: the saved data-iterator state does not fit this data pipeline "
+        f"({type(e).__name__}: {e}). It was written with other data settings, most likely a "
+        "different config.data.worker_count (0 vs > 0); resume with the run's original data "
+        "settings (see config.json in the workdir).") from e
+
+
 class _EvalElement(grain.transforms.Map):
   """Global eval index -> preprocessed element with `valid` (indices past the end are padding)."""
 
