@@ -47,11 +47,11 @@ import hashlib
 import json
 import math
 import os
-import pathlib
 from collections.abc import Mapping
 from typing import Any
 
 from absl import logging
+from etils import epath
 import grain.checkpoint as grain_checkpoint
 import jax
 import jax.numpy as jnp
@@ -59,6 +59,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sdseg_jax import storage
 from sdseg_jax.weights import artifacts
 
 _STATE = "state"
@@ -182,7 +183,7 @@ class Checkpointer:
                        f"got {keep_last}")
     if best_mode not in ("max", "min"):
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
-    self._directory = pathlib.Path(directory)
+    self._directory = storage.path(directory)  # local or gs:// (orbax writes through tensorstore)
     self._best_metric = best_metric
     self._best_mode = best_mode
 
@@ -216,7 +217,7 @@ class Checkpointer:
     return float(metrics[self._best_metric])
 
   @property
-  def directory(self) -> pathlib.Path:
+  def directory(self) -> epath.Path:
     return self._directory
 
   def latest_step(self) -> int | None:
@@ -290,7 +291,7 @@ class Checkpointer:
       logging.info("Checkpoint save of step %d skipped (latest step is %s).", step,
                    self.latest_step())
 
-  def _step_dir(self, step: int) -> pathlib.Path:
+  def _step_dir(self, step: int) -> epath.Path:
     return self._directory / str(step)
 
   def _resolve_step(self, step: int | str | None) -> int:
@@ -434,7 +435,7 @@ def _to_host(tree: Any) -> Any:
   return jax.tree_util.tree_map(leaf_to_host, tree)
 
 
-def _sha256(path: pathlib.Path) -> str:
+def _sha256(path: epath.Path) -> str:
   digest = hashlib.sha256()
   with path.open("rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -464,7 +465,7 @@ def export_inference(path: os.PathLike | str,
     raise ValueError(f"model_config_json is not valid JSON: {e}") from e
   tree = {"unet": _to_host(unet_params), "vision_encoder": _to_host(vision_encoder_params)}
   if jax.process_index() == 0:
-    vae_file = pathlib.Path(vae_reference)
+    vae_file = storage.path(vae_reference)
     meta = {
         "format": _INFERENCE_FORMAT,
         "version": _INFERENCE_VERSION,

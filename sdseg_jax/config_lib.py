@@ -5,10 +5,10 @@ individually valid but wrong for training, with a message that names the field.
 """
 
 import json
-import pathlib
 
 import ml_collections
 
+from sdseg_jax import storage
 from sdseg_jax.data import registry
 
 
@@ -52,18 +52,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
        "checkpoint, or config.init.pretrain_vae_steps > 0")
 
 
-def dump(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+def dump(config: ml_collections.ConfigDict, workdir: storage.PathLike) -> None:
   """Writes WORKDIR/config.json (the resolved config of the run, for humans and evaluate)."""
-  workdir.mkdir(parents=True, exist_ok=True)
-  path = workdir / "config.json"
-  tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(json.loads(config.to_json()), indent=1, sort_keys=True))
-  tmp.replace(path)
+  storage.write_text_atomic(storage.path(workdir) / "config.json",
+                            json.dumps(json.loads(config.to_json()), indent=1, sort_keys=True))
 
 
-def load(workdir: pathlib.Path) -> ml_collections.ConfigDict:
+def load(workdir: storage.PathLike) -> ml_collections.ConfigDict:
   """The config a run was trained with (WORKDIR/config.json)."""
-  path = pathlib.Path(workdir) / "config.json"
+  path = storage.path(workdir) / "config.json"
   if not path.is_file():
     raise FileNotFoundError(f"{path} not found: {workdir} is not an sdseg_jax run directory")
   return ml_collections.ConfigDict(json.loads(path.read_text()))

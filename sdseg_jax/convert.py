@@ -21,6 +21,7 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
+from sdseg_jax import storage
 from sdseg_jax.models import sdseg
 from sdseg_jax.weights import artifacts
 from sdseg_jax.weights import convert
@@ -80,9 +81,12 @@ def convert_file(model_cfg, kind: str, checkpoint: str, out: str, use_ema: bool 
 def main(argv) -> None:
   del argv
   try:
+    # --out may be gs://; an unusable bucket fails here, before the (slow) conversion.
+    storage.check_bucket(storage.path(_OUT.value).parent, write=True)
     print(convert_file(_CONFIG.value.model, _KIND.value, _CHECKPOINT.value, _OUT.value,
                        _EMA.value))
-  except (torch_pickle.CheckpointFormatError, convert.ConversionError, OSError) as e:
+  except (torch_pickle.CheckpointFormatError, convert.ConversionError, storage.StorageError,
+          OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 

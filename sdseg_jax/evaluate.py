@@ -31,11 +31,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import pathlib
 import sys
 import time
 from typing import Any, Dict, Optional, Sequence
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,6 +46,7 @@ from sdseg_jax import metrics as metrics_lib
 from sdseg_jax import multiclass
 from sdseg_jax import restore
 from sdseg_jax import sharding as sharding_lib
+from sdseg_jax import storage
 from sdseg_jax.data import pipeline
 
 SPLITS = ("train", "val", "test")
@@ -200,13 +201,10 @@ def _json_safe(value: Any) -> Any:
   return value
 
 
-def write_json(result: Dict[str, Any], path: pathlib.Path) -> pathlib.Path:
-  path = pathlib.Path(path)
+def write_json(result: Dict[str, Any], path: storage.PathLike) -> epath.Path:
+  path = storage.path(path)
   if jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(result), indent=1, allow_nan=False))
-    tmp.replace(path)
+    storage.write_text_atomic(path, json.dumps(_json_safe(result), indent=1, allow_nan=False))
   return path
 
 
@@ -247,12 +245,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("error: --json names one file; give a single --ddim-steps value", file=sys.stderr)
     return 2
   try:
+    if args.json:  # fail before restoring weights when the output bucket is unusable
+      storage.check_bucket(storage.path(args.json).parent, write=True)
     run = restore.load_run(args.workdir, args.checkpoint)
     for steps in args.ddim_steps:
       result = evaluate(run, args.split, ddim_steps=steps, ddim_eta=args.ddim_eta,
                         seed=args.seed, distances=args.hd95, batch_size=args.batch_size,
                         empty_convention=args.empty_convention)
-      path = pathlib.Path(args.json) if args.json else (
+      path = storage.path(args.json) if args.json else (
           run.workdir / "eval" / output_name(args.split, run.checkpoint, steps))
       write_json(result, path)
       if jax.process_index() == 0:

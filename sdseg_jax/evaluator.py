@@ -8,9 +8,10 @@ for 3D sets, which is exactly the official per-volume scoring.
 """
 
 import functools
-import pathlib
+import io
 from typing import Any, Dict, List, Optional, Tuple
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +22,7 @@ from sdseg_jax import diffusion
 from sdseg_jax import metrics as metrics_lib
 from sdseg_jax import multiclass
 from sdseg_jax import sharding as sharding_lib
+from sdseg_jax import storage
 from sdseg_jax.models import sdseg
 
 
@@ -154,10 +156,11 @@ def _allgather_strings(values: np.ndarray) -> List[str]:
   return [bytes(row).rstrip(b"\0").decode() for row in gathered]
 
 
-def write_panels(panels: List[np.ndarray], path: pathlib.Path) -> Optional[pathlib.Path]:
-  """Stacks the panel strips vertically into one PNG (process 0 only)."""
+def write_panels(panels: List[np.ndarray], path: epath.Path) -> Optional[epath.Path]:
+  """Stacks the panel strips vertically into one PNG (process 0 only; local or gs://)."""
   if not panels or jax.process_index() != 0:
     return None
-  path.parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray(np.concatenate(panels, axis=0)).save(path)
+  png = io.BytesIO()
+  Image.fromarray(np.concatenate(panels, axis=0)).save(png, format="PNG")
+  storage.write_bytes_atomic(path, png.getvalue())
   return path

@@ -3,28 +3,62 @@
 metrics.jsonl holds one JSON object per line with "step" and the metric names (train losses as
 "train/<name>", evaluation as "eval/dice", "eval/iou"), flushed at every write so that a crash
 loses nothing already logged and `plots.py` can read a live run.
+
+In a gs:// workdir, where objects cannot be appended to, the file's lines are kept in memory and
+the whole object is uploaded at every write (an upload is atomic; the file stays small: one line
+per logged step). TensorBoard events go through tensorboardX's own gs:// writer.
 """
 
 import json
 import math
-import pathlib
-from typing import Any, Mapping, Optional
+from typing import Any, List, Mapping, Optional
 
+from etils import epath
 import jax
 import numpy as np
+
+from sdseg_jax import storage
+
+
+class _JsonLines:
+  """Append-only text lines, flushed at every append (append locally, re-upload on gs://)."""
+
+  def __init__(self, path: epath.Path):
+    self._path = path
+    self._remote = storage.is_remote(path)
+    self._lines: List[str] = []
+    self._file = None
+    if self._remote:
+      if path.exists():
+        self._lines = path.read_text().splitlines(keepends=True)
+    else:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      self._file = open(path, "a", encoding="utf-8")
+
+  def append(self, line: str) -> None:
+    if self._remote:
+      self._lines.append(line)
+      self._path.write_text("".join(self._lines))
+    else:
+      self._file.write(line)
+      self._file.flush()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
 
 
 class MetricWriter:
   """Writes scalars to metrics.jsonl and (optionally) TensorBoard; a no-op off process 0."""
 
-  def __init__(self, workdir: pathlib.Path, tensorboard: bool = True):
+  def __init__(self, workdir: storage.PathLike, tensorboard: bool = True):
     self.active = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
     if not self.active:
       return
-    workdir.mkdir(parents=True, exist_ok=True)
-    self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+    workdir = storage.path(workdir)
+    self._jsonl = _JsonLines(workdir / "metrics.jsonl")
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(str(workdir / "tensorboard"))
@@ -35,8 +69,7 @@ class MetricWriter:
     clean = {k: float(np.asarray(v)) for k, v in scalars.items()}
     record = {"step": int(step)}
     record.update({k: (v if math.isfinite(v) else None) for k, v in clean.items()})
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    self._jsonl.append(json.dumps(record) + "\n")
     if self._tb is not None:
       for k, v in clean.items():
         self._tb.add_scalar(k, v, step)

@@ -52,10 +52,12 @@ def configure_jax(config: Optional[ml_collections.ConfigDict] = None) -> None:
 
 
 class _QuietLibraries(logging.Filter):
-  """Drops INFO chatter of orbax/grain (dozens of lines per checkpoint); keeps their warnings."""
+  """Drops INFO chatter of orbax/grain/gcsfs (dozens of lines per checkpoint or file read);
+  keeps their warnings."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    noisy = any(f"/{lib}/" in record.pathname for lib in ("orbax", "grain", "etils"))
+    noisy = any(f"/{lib}/" in record.pathname
+                for lib in ("orbax", "grain", "etils", "gcsfs", "fsspec"))
     return record.levelno >= logging.WARNING or not noisy
 
 

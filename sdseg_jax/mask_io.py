@@ -21,12 +21,17 @@ volumes — and turn each into the *same* boolean mask the metrics expect. The r
 from __future__ import annotations
 
 import dataclasses
+import io
+import os
 import pathlib
+import tempfile
 from typing import Any, Optional, Union
 
 import nibabel as nib
 import numpy as np
 from PIL import Image
+
+from sdseg_jax import storage
 
 PathLike = Union[str, pathlib.Path]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -175,10 +180,13 @@ def read_mask(path: PathLike, label_map: bool = False) -> LoadedMask:
 # Writing.
 
 
-def _prepare_parent(path: PathLike) -> pathlib.Path:
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  return path
+def _save_png(path: PathLike, image: Image.Image) -> None:
+  """Encodes in memory (format from the suffix, PNG by default), then writes atomically to a
+  local path or gs:// (storage.py)."""
+  suffix = os.path.splitext(os.fspath(path))[1].lower()
+  encoded = io.BytesIO()
+  image.save(encoded, format=Image.registered_extensions().get(suffix, "PNG"))
+  storage.write_bytes_atomic(path, encoded.getvalue())
 
 
 def write_mask_png(path: PathLike, mask: np.ndarray) -> None:
@@ -186,7 +194,7 @@ def write_mask_png(path: PathLike, mask: np.ndarray) -> None:
   mask = np.asarray(mask) > 0
   if mask.ndim != 2:
     raise ValueError(f"expected a 2D mask, got shape {mask.shape}")
-  Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(_prepare_parent(path))
+  _save_png(path, Image.fromarray(mask.astype(np.uint8) * 255, mode="L"))
 
 
 def write_label_png(path: PathLike, labels: np.ndarray) -> None:
@@ -197,7 +205,7 @@ def write_label_png(path: PathLike, labels: np.ndarray) -> None:
   if labels.size and (labels.min() < 0 or labels.max() > 65535):
     raise ValueError("label values must lie in 0..65535 to be stored in a PNG")
   dtype = np.uint8 if (not labels.size or labels.max() <= 255) else np.uint16
-  Image.fromarray(labels.astype(dtype)).save(_prepare_parent(path))
+  _save_png(path, Image.fromarray(labels.astype(dtype)))
 
 
 def probability_to_uint8(probs: np.ndarray) -> np.ndarray:
@@ -216,7 +224,7 @@ def write_probability_png(path: PathLike, probs: np.ndarray, rgb: bool = False) 
     raise ValueError(f"expected a 2D probability map, got shape {probs.shape}")
   u8 = probability_to_uint8(probs)
   image = Image.fromarray(np.stack([u8] * 3, axis=-1) if rgb else u8)
-  image.save(_prepare_parent(path))
+  _save_png(path, image)
 
 
 def write_nifti(path: PathLike, array: np.ndarray, reference: Optional[Union[PathLike, Any]] = None,
@@ -244,4 +252,13 @@ def write_nifti(path: PathLike, array: np.ndarray, reference: Optional[Union[Pat
       header = header.copy()
       header.set_data_dtype(array.dtype)
   image = nib.Nifti1Image(array, np.eye(4) if affine is None else affine, header=header)
-  nib.save(image, str(_prepare_parent(path)))
+  target = storage.path(path)
+  if not storage.is_remote(target):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(image, os.fspath(target))
+    return
+  with tempfile.TemporaryDirectory() as tmp:  # nibabel writes (and gzips) files by name
+    local = os.path.join(tmp, target.name)
+    nib.save(image, local)
+    with open(local, "rb") as f:
+      storage.write_bytes_atomic(target, f.read())

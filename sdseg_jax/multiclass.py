@@ -28,6 +28,7 @@ import optax
 from sdseg_jax import diffusion
 from sdseg_jax import metrics as metrics_lib
 from sdseg_jax import optim
+from sdseg_jax import storage
 from sdseg_jax.models import sdseg
 
 # The official fine-tune configs (synapse-cls{9,14}-...-finetune.yaml) train label_emb at 100x
@@ -185,7 +186,8 @@ def lacks_label_emb(path: str, abstract_unet: Mapping[str, Any]) -> bool:
   if LABEL_EMB not in abstract_unet:
     return False
   try:
-    with np.load(path, allow_pickle=False) as npz:
+    # Local or gs:// (ranged reads of the zip directory only).
+    with storage.path(path).open("rb") as f, np.load(f, allow_pickle=False) as npz:
       return not any(k.startswith(f"unet/{LABEL_EMB}/") for k in npz.files)
   except (OSError, ValueError):
     return False

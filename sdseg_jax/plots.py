@@ -12,6 +12,7 @@ Rendering uses matplotlib's object API with the Agg canvas: no display, no globa
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import pathlib
@@ -19,15 +20,18 @@ import sys
 import warnings
 from typing import Any, Optional, Sequence, Union
 
+from etils import epath
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-PathLike = Union[str, pathlib.Path]
+from sdseg_jax import storage
+
+PathLike = storage.PathLike
 
 
 def read_metrics_jsonl(path: PathLike) -> list[dict[str, Any]]:
   """Parses metrics.jsonl into records that have a numeric "step"; tolerates a truncated tail."""
-  lines = [line for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+  lines = [line for line in storage.path(path).read_text().splitlines() if line.strip()]
   records = []
   for i, line in enumerate(lines):
     try:
@@ -85,8 +89,12 @@ def _draw_panel(ax, records, keys, title, ylabel, log_if_positive) -> None:
     ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes)
 
 
-def plot_training_curves(metrics_jsonl: PathLike, out_png: PathLike) -> pathlib.Path:
-  """Draws the loss curves and the Dice/IoU (eval/*) curves side by side into a PNG."""
+def plot_training_curves(metrics_jsonl: PathLike, out_png: PathLike
+                         ) -> Union[pathlib.Path, epath.Path]:
+  """Draws the loss curves and the Dice/IoU (eval/*) curves side by side into a PNG.
+
+  Returns the file written: a pathlib.Path for a local file, an epath.Path for gs://.
+  """
   records = read_metrics_jsonl(metrics_jsonl)
   losses, scores = _metric_keys(records)
   fig = Figure(figsize=(12, 4.5), dpi=100)
@@ -94,12 +102,12 @@ def plot_training_curves(metrics_jsonl: PathLike, out_png: PathLike) -> pathlib.
   ax_loss, ax_eval = fig.subplots(1, 2)
   _draw_panel(ax_loss, records, losses, "training losses", "loss", log_if_positive=True)
   _draw_panel(ax_eval, records, scores, "evaluation", "score", log_if_positive=False)
-  fig.suptitle(str(pathlib.Path(metrics_jsonl).parent.name or metrics_jsonl), fontsize=10)
+  fig.suptitle(str(storage.path(metrics_jsonl).parent.name or metrics_jsonl), fontsize=10)
   fig.tight_layout()
-  out_png = pathlib.Path(out_png)
-  out_png.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(out_png, format="png")
-  return out_png
+  png = io.BytesIO()
+  fig.savefig(png, format="png")
+  storage.write_bytes_atomic(out_png, png.getvalue())
+  return storage.path(out_png) if storage.is_remote(out_png) else pathlib.Path(out_png)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -108,12 +116,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--workdir", required=True, help="training workdir with metrics.jsonl")
   parser.add_argument("--out", help="output PNG (default: WORKDIR/curves.png)")
   args = parser.parse_args(argv)
-  workdir = pathlib.Path(args.workdir)
+  try:
+    workdir = storage.path(args.workdir)
+    out = storage.path(args.out) if args.out else workdir / "curves.png"
+    storage.check_bucket(workdir, write=False)
+    storage.check_bucket(out.parent, write=True)
+  except storage.StorageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   source = workdir / "metrics.jsonl"
   if not source.is_file():
     print(f"error: {source} not found", file=sys.stderr)
     return 1
-  out = plot_training_curves(source, args.out or workdir / "curves.png")
+  out = plot_training_curves(source, out)
   print(f"wrote {out}")
   return 0
 

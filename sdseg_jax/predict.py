@@ -31,11 +31,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import io
 import json
 import pathlib
 import sys
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from etils import epath
 import jax
 import numpy as np
 from PIL import Image
@@ -44,6 +46,7 @@ from sdseg_jax import inference
 from sdseg_jax import mask_io
 from sdseg_jax import restore
 from sdseg_jax import sharding as sharding_lib
+from sdseg_jax import storage
 from sdseg_jax.data import base as data_base
 from sdseg_jax.data import transforms
 from sdseg_jax.data import volumes
@@ -220,13 +223,13 @@ class _Pending:
   image: np.ndarray
 
 
-def predict(run: restore.Run, inputs: Sequence[pathlib.Path], output: pathlib.Path, *,
+def predict(run: restore.Run, inputs: Sequence[pathlib.Path], output: storage.PathLike, *,
             batch_size: int = 8, tta: str = "none", seed: int = 0, threshold: float = 0.5,
             progress: bool = True) -> Dict[str, Any]:
   """Predicts every input and writes masks, probabilities and overlays; returns the manifest."""
   if jax.process_count() > 1:
     raise PredictError("predict runs in a single process (each would read every input)")
-  output = pathlib.Path(output)
+  output = storage.path(output)
   predictor = Predictor(run, batch_size, tta, seed)
   size = run.model.image_size
   interpolation = run.config.data.get("interpolation", "bilinear")
@@ -246,9 +249,9 @@ def predict(run: restore.Run, inputs: Sequence[pathlib.Path], output: pathlib.Pa
       else:
         mask_io.write_label_png(output / "masks" / f"{name}.png", mask)
       mask_io.write_probability_png(output / "probabilities" / f"{name}.png", fg)
-      out_overlay = output / "overlays" / f"{name}.png"
-      out_overlay.parent.mkdir(parents=True, exist_ok=True)
-      Image.fromarray(overlay(p.image, mask)).save(out_overlay)
+      png = io.BytesIO()
+      Image.fromarray(overlay(p.image, mask)).save(png, format="PNG")
+      storage.write_bytes_atomic(output / "overlays" / f"{name}.png", png.getvalue())
       records.append({"input": str(p.path), "kind": "image", "size": list(p.image.shape[:2]),
                       "mask": str(output / "masks" / f"{name}.png"),
                       "foreground_pixels": int((mask > 0).sum())})
@@ -272,11 +275,11 @@ def predict(run: restore.Run, inputs: Sequence[pathlib.Path], output: pathlib.Pa
   manifest = {"workdir": str(run.workdir), "checkpoint": run.checkpoint, "step": run.step,
               "tta": tta, "seed": seed, "threshold": threshold, "model_size": size,
               "outputs": records}
-  (output / "predictions.json").write_text(json.dumps(manifest, indent=1))
+  storage.write_text_atomic(output / "predictions.json", json.dumps(manifest, indent=1))
   return manifest
 
 
-def _predict_volume(path: pathlib.Path, predictor: Predictor, output: pathlib.Path, size: int,
+def _predict_volume(path: pathlib.Path, predictor: Predictor, output: epath.Path, size: int,
                     interpolation: str, window, threshold: float, bar) -> Dict[str, Any]:
   nii, data = read_volume(path)
   slices = window_slices(data, window)
@@ -340,9 +343,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
   try:
+    output = storage.path(args.output)
+    storage.check_bucket(output, write=True)  # before any work: the output must be writable
+    if storage.is_remote(args.input):
+      raise PredictError(f"--input {args.input}: inputs are read from local disk; copy them "
+                         f"first (gcloud storage cp -r {args.input} LOCAL_DIR); --workdir and "
+                         "--output may be gs:// paths")
     inputs = list_inputs(pathlib.Path(args.input))
     run = restore.load_run(args.workdir, args.checkpoint)
-    manifest = predict(run, inputs, pathlib.Path(args.output), batch_size=args.batch_size,
+    manifest = predict(run, inputs, output, batch_size=args.batch_size,
                        tta=args.tta, seed=args.seed, threshold=args.threshold,
                        progress=not args.no_progress)
   except (PredictError, restore.RestoreError, ValueError) as e:

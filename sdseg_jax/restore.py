@@ -17,9 +17,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import pathlib
 from typing import Any, Callable, Optional, Union
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -30,6 +30,7 @@ from sdseg_jax import config_lib
 from sdseg_jax import multiclass
 from sdseg_jax import sharding as sharding_lib
 from sdseg_jax import state as state_lib
+from sdseg_jax import storage
 from sdseg_jax import vae_pretrain
 from sdseg_jax.models import sdseg
 from sdseg_jax.weights import artifacts
@@ -52,7 +53,7 @@ class Run:
   output file names ("best", "last", "750", "export"); step: the resolved training step (None
   for a bundle that does not record it); source: the directory or file the weights came from.
   """
-  workdir: pathlib.Path
+  workdir: epath.Path
   config: ml_collections.ConfigDict
   model: sdseg.SDSeg
   mesh: jax.sharding.Mesh
@@ -97,7 +98,7 @@ def inference_mesh() -> jax.sharding.Mesh:
   return sharding_lib.make_mesh({"data": -1, "fsdp": 1})
 
 
-def _sha256(path: pathlib.Path) -> str:
+def _sha256(path: epath.Path) -> str:
   digest = hashlib.sha256()
   with path.open("rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -105,23 +106,23 @@ def _sha256(path: pathlib.Path) -> str:
   return digest.hexdigest()
 
 
-def vae_path(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
+def vae_path(config: ml_collections.ConfigDict, workdir: epath.Path) -> epath.Path:
   """The frozen VAE file training used (same precedence as `train._load_vae`)."""
   if config.init.get("vae"):
-    return pathlib.Path(config.init.vae)
+    return storage.path(config.init.vae)
   if config.init.get("sdseg"):
-    return pathlib.Path(config.init.sdseg)
+    return storage.path(config.init.sdseg)
   return vae_pretrain.saved_path(workdir)
 
 
-def _read(path: pathlib.Path, key: str, abstract: Any, what: str) -> Any:
+def _read(path: epath.Path, key: str, abstract: Any, what: str) -> Any:
   try:
     return loading.read(str(path), key, abstract, what)
   except (FileNotFoundError, artifacts.ArtifactError) as e:
     raise RestoreError(str(e)) from e
 
 
-def _restore_state(ckpt_dir: pathlib.Path, choice: Union[str, int],
+def _restore_state(ckpt_dir: epath.Path, choice: Union[str, int],
                    abstract_state: Any) -> tuple[Any, int]:
   """Reads one train state through a READ-ONLY orbax manager.
 
@@ -163,14 +164,18 @@ def _restore_state(ckpt_dir: pathlib.Path, choice: Union[str, int],
   return restored["state"], int(step)
 
 
-def load_run(workdir: Union[str, pathlib.Path], checkpoint: Union[str, int] = "best",
+def load_run(workdir: storage.PathLike, checkpoint: Union[str, int] = "best",
              mesh: Optional[jax.sharding.Mesh] = None) -> Run:
   """Restores a run's inference weights (EMA UNet + live vision encoder + VAE + scale).
 
   Raises:
     RestoreError: missing workdir/config/checkpoint/VAE, or weights that do not fit.
   """
-  workdir = pathlib.Path(workdir)
+  try:
+    workdir = storage.path(workdir)
+    storage.check_bucket(workdir, write=False)
+  except storage.StorageError as e:
+    raise RestoreError(str(e)) from e
   if not workdir.is_dir():
     raise RestoreError(f"{workdir}: no such run directory")
   try:
@@ -204,7 +209,7 @@ def load_run(workdir: Union[str, pathlib.Path], checkpoint: Union[str, int] = "b
              step=int(step), source=str(ckpt_dir / str(step)))
 
 
-def _load_export(workdir: pathlib.Path, config: ml_collections.ConfigDict,
+def _load_export(workdir: epath.Path, config: ml_collections.ConfigDict,
                  mesh: jax.sharding.Mesh) -> Run:
   """The bundle's model config and weights; the VAE from its recorded reference."""
   path = workdir / "export" / "inference.npz"
@@ -227,7 +232,7 @@ def _load_export(workdir: pathlib.Path, config: ml_collections.ConfigDict,
   params = loading.place({"unet": bundle["unet_params"],
                           "vision_encoder": bundle["vision_encoder_params"]},
                          jax.tree_util.tree_map(lambda _: replicated, abstract_params))
-  vae_file = pathlib.Path(bundle["vae_reference"])
+  vae_file = storage.path(bundle["vae_reference"])
   if not vae_file.is_file():
     vae_file = vae_path(config, workdir)  # e.g. the run directory was moved
   if bundle["vae_sha256"] and vae_file.is_file() and _sha256(vae_file) != bundle["vae_sha256"]:

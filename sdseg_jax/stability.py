@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import pathlib
+import io
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -50,6 +50,7 @@ from sdseg_jax import mask_io
 from sdseg_jax import metrics as metrics_lib
 from sdseg_jax import restore
 from sdseg_jax import sharding as sharding_lib
+from sdseg_jax import storage
 
 MS_SSIM_SCALES = len(image_similarity.MS_SSIM_BETAS)
 # Smallest side for 5-scale MS-SSIM: the coarsest scale (size / 16) must hold the 11-tap window.
@@ -104,15 +105,16 @@ def _mean(values: List[Optional[float]]) -> Dict[str, Any]:
           "std": float(np.std(finite)) if finite else float("nan"), "n_images": len(finite)}
 
 
-def write_uncertainty(path: pathlib.Path, probs: np.ndarray) -> None:
+def write_uncertainty(path: storage.PathLike, probs: np.ndarray) -> None:
   """Per-pixel std over runs as an 8-bit PNG scaled by the largest possible std (0.5 -> 255)."""
   std = image_similarity.uncertainty_map(probs)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray(np.round(np.clip(std / 0.5, 0, 1) * 255).astype(np.uint8)).save(path)
+  png = io.BytesIO()
+  Image.fromarray(np.round(np.clip(std / 0.5, 0, 1) * 255).astype(np.uint8)).save(png, "PNG")
+  storage.write_bytes_atomic(path, png.getvalue())
 
 
 def stability(run: restore.Run, split: str = "test", seeds: Sequence[int] = tuple(range(10)),
-              *, batch_size: Optional[int] = None, uncertainty_dir: Optional[pathlib.Path] = None,
+              *, batch_size: Optional[int] = None, uncertainty_dir: Optional[storage.PathLike] = None,
               empty_convention: Optional[str] = None) -> Dict[str, Any]:
   """Runs the protocol; returns the JSON summary (see module docstring)."""
   seeds = [int(s) for s in seeds]
@@ -158,7 +160,7 @@ def stability(run: restore.Run, split: str = "test", seeds: Sequence[int] = tupl
                     "dice_pair_min": spread["min"]})
       images[names[row]] = entry
       if uncertainty_dir is not None and jax.process_index() == 0:
-        write_uncertainty(pathlib.Path(uncertainty_dir) / f"{names[row]}.png", p)
+        write_uncertainty(storage.path(uncertainty_dir) / f"{names[row]}.png", p)
   seconds = time.perf_counter() - start
 
   per_run = []
@@ -240,13 +242,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
   seeds = args.seeds if args.seeds is not None else list(range(args.runs))
   try:
+    for out in (storage.path(args.json).parent if args.json else None, args.uncertainty_dir):
+      if out is not None:  # fail before restoring weights when an output bucket is unusable
+        storage.check_bucket(out, write=True)
     run = restore.load_run(args.workdir, args.checkpoint)
     result = stability(run, args.split, seeds, batch_size=args.batch_size,
                        uncertainty_dir=args.uncertainty_dir)
   except (restore.RestoreError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  path = pathlib.Path(args.json) if args.json else (
+  path = storage.path(args.json) if args.json else (
       run.workdir / "eval" / f"stability_{args.split}_{run.checkpoint}.json")
   evaluate_lib.write_json(result, path)
   if jax.process_index() == 0:

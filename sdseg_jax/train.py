@@ -6,17 +6,20 @@
 A workdir that already holds a checkpoint is resumed: the state AND the data iterator are
 restored, so the resumed run sees exactly the batches an uninterrupted run would have seen.
 SIGTERM (preemptible TPUs, SLURM requeue) finishes the current step, saves and exits cleanly.
+
+The workdir and every config.init.* weight file may be local or gs:// (see storage.py); a bucket
+that is missing, unreachable or read-only stops the run before anything is written.
 """
 
 import contextlib
 import logging
-import pathlib
 import signal
 import time
 from typing import Any, Dict, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
@@ -29,8 +32,10 @@ from sdseg_jax import multiclass
 from sdseg_jax import sharding as sharding_lib
 from sdseg_jax import state as state_lib
 from sdseg_jax import step as step_lib
+from sdseg_jax import storage
 from sdseg_jax import vae_pretrain
 from sdseg_jax.data import pipeline
+from sdseg_jax.data import registry
 from sdseg_jax.models import sdseg
 from sdseg_jax.weights import artifacts
 from sdseg_jax.weights import loading
@@ -65,8 +70,22 @@ class _StopRequest:
     return bool(np.any(flags))
 
 
-def _split_dir(workdir: pathlib.Path) -> pathlib.Path:
+def _split_dir(workdir: epath.Path) -> epath.Path:
   return workdir / "splits"
+
+
+def check_storage(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+  """Every gs:// location of the run is usable, or a StorageError/DataError naming it.
+
+  Runs before anything is written, so a typo or a missing bucket never leaves a half-started
+  run behind (nor a local `gs:` folder: `storage.path` rejects malformed URLs).
+  """
+  storage.check_bucket(workdir, write=True)
+  for field in ("vae", "unet", "sdseg"):
+    value = config.init.get(field)
+    if value:
+      storage.check_bucket(storage.path(value), write=False)
+  registry.check_location(config.data)
 
 
 def compute_scale_factor(model: sdseg.SDSeg, vae_params: Any, mask: jax.Array,
@@ -158,8 +177,9 @@ def _last_good(ckpt: checkpoint_lib.Checkpointer) -> str:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Trains (or resumes) a run in `workdir` up to config.train.max_steps; returns final metrics."""
-  workdir = pathlib.Path(workdir)
+  workdir = storage.path(workdir)
   config_lib.validate(config)
+  check_storage(config, workdir)
   if jax.process_index() == 0:
     config_lib.dump(config, workdir)
 
@@ -208,7 +228,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     state, data_state, _ = ckpt.restore(abstract_state_sh)
     if data_state is not None:
       pipeline.restore_train_state(train_iter, data_state,
-                                   f"{ckpt.directory}/{ckpt.latest_step()}")
+                                   str(ckpt.directory / str(ckpt.latest_step())))
     logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
   else:
     params = _initial_params(config, model, abstract_params, param_sh, vae_params,
@@ -298,11 +318,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
                                        if k in last_eval}}
 
 
-def _vae_reference(config, workdir: pathlib.Path) -> pathlib.Path:
+def _vae_reference(config, workdir: epath.Path) -> epath.Path:
   if config.init.vae:
-    return pathlib.Path(config.init.vae)
+    return storage.path(config.init.vae)
   if config.init.sdseg:
-    return pathlib.Path(config.init.sdseg)
+    return storage.path(config.init.sdseg)
   return vae_pretrain.saved_path(workdir)
 
 

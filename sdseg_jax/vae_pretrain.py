@@ -11,10 +11,10 @@ when the run resumes.
 
 import functools
 import logging
-import pathlib
 import time
 from typing import Any, Iterator
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,5 +61,5 @@ def pretrain_vae(model: sdseg.SDSeg, vae_params: Any, batches: Iterator[dict], *
   return vae_params
 
 
-def saved_path(workdir: pathlib.Path) -> pathlib.Path:
+def saved_path(workdir: epath.Path) -> epath.Path:
   return workdir / "pretrained_vae.npz"

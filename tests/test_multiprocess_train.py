@@ -13,6 +13,12 @@ loader yields before running the unchanged `sdseg_jax.main`. The test then check
 the loader's documented split: process i of 2 gets every other example of the global stream,
 the two halves are disjoint and together form exactly the batches a single process would read.
 
+The job's workdir is `gs://test-bucket/multiprocess` on the test GCS server (tests/gcs_server.py)
+when it is available, as on a pod whose hosts share no disk: both processes write their array
+shards and data-iterator states into the bucket through tensorstore. The bucket run is then
+downloaded, so the assertions below read the same files either way. Without the server (a
+user's clone without the test extras) the workdir is local; CI requires the server.
+
 All assertions share one run, so the (slow, ~2 x 40 s of compilation) job is started once.
 """
 
@@ -30,6 +36,7 @@ import pytest
 
 from configs import tiny
 from sdseg_jax.data import pipeline
+from tests import gcs_server as gcs_lib
 from tests import test_train_loop as loop
 
 STEPS = 2
@@ -102,9 +109,17 @@ def _expected_batches(split_dir: pathlib.Path, process_index: int, process_count
   return [_fingerprints(next(it)) for _ in range(num_batches)]
 
 
+BUCKET_WORKDIR = f"gs://{gcs_lib.BUCKET}/multiprocess"
+
+
 @pytest.fixture(scope="module")
-def job(tmp_path_factory) -> pathlib.Path:
-  """Runs the two-process job once per session; returns its workdir (logs in ../mp_logs)."""
+def job(tmp_path_factory, request) -> pathlib.Path:
+  """Runs the two-process job once per session; returns its (local copy of the) workdir."""
+  try:
+    server = request.getfixturevalue("gcs_server")
+  except pytest.skip.Exception:
+    server = None  # no GCS server on this machine: a local workdir
+
   def produce(workdir: pathlib.Path) -> None:
     root = workdir.parent
     wrapper_dir, records, logs = root / "mp_wrapper", root / "mp_records", root / "mp_logs"
@@ -115,15 +130,31 @@ def job(tmp_path_factory) -> pathlib.Path:
     env.update(PYTHON=sys.executable, SDSEG_MAIN_MODULE="sdseg_recording_main",
                SDSEG_RECORD_DIR=str(records), SDSEG_INIT_TIMEOUT="120",
                PYTHONPATH=os.pathsep.join([str(wrapper_dir), env["PYTHONPATH"]]))
+    target = str(workdir)
+    if server is not None:
+      env.update(server.env)
+      target = BUCKET_WORKDIR
+      fs = server.filesystem()
+      if fs.exists(BUCKET_WORKDIR[len("gs://"):]):  # a failed earlier attempt
+        fs.rm(BUCKET_WORKDIR[len("gs://"):], recursive=True)
     cmd = ["bash", str(loop.REPO_ROOT / "launch" / "multinode.sh"), "--local", str(PROCESSES),
            "--cpu-devices", "4", "--log-dir", str(logs), "--",
-           "--config", "configs/tiny.py", "--workdir", str(workdir),
+           "--config", "configs/tiny.py", "--workdir", target,
            f"--config.train.max_steps={STEPS}"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=loop.REPO_ROOT,
                             timeout=loop.RUN_TIMEOUT, check=False)
     (root / "mp_launcher.log").write_text(result.stdout + "\n---- stderr ----\n" + result.stderr)
     assert result.returncode == 0, (f"multinode.sh exited {result.returncode}:\n"
                                     f"{result.stderr[-4000:]}")
+    if server is not None:
+      prefix = BUCKET_WORKDIR[len("gs://"):] + "/"
+      keys = sorted(server.filesystem().find(prefix))
+      (root / "mp_bucket_listing.json").write_text(json.dumps([k[len(prefix):] for k in keys]))
+      for key in keys:
+        target_file = workdir / key[len(prefix):]
+        target_file.parent.mkdir(parents=True, exist_ok=True)
+        server.filesystem().get_file(key, str(target_file))
+      assert not any(p.name.startswith("gs:") for p in loop.REPO_ROOT.iterdir())
   return loop.shared_run(tmp_path_factory, "multiprocess", produce)
 
 
@@ -134,6 +165,13 @@ def test_two_process_job_trains_checkpoints_and_splits_the_data(job, tmp_path):
     assert f"process {i} exit code 0" in launcher
     log = (root / "mp_logs" / f"process_{i}.log").read_text()
     assert f"process {i}/{PROCESSES}, 4 local / 8 global cpu devices" in log
+
+  listing = root / "mp_bucket_listing.json"
+  if listing.exists():  # the job wrote into the bucket (see the module docstring)
+    names = json.loads(listing.read_text())
+    for i in range(PROCESSES):
+      assert f"checkpoints/{STEPS}/data/process_{i}-of-{PROCESSES}.json" in names, names
+    assert f"checkpoints/{STEPS}/commit_success.txt" in names
 
   # Process 0 alone logs; both steps are there.
   assert loop.train_steps(loop.read_metrics(job)) == list(range(1, STEPS + 1))

@@ -96,9 +96,8 @@ def propose_split(data_config, names: list[str] | None = None) -> dict[str, list
   return out
 
 
-def cache_dir(data_config, split_dir: pathlib.Path) -> pathlib.Path:
-  return pathlib.Path(data_config.get("volume_cache_dir") or
-                      pathlib.Path(split_dir).parent / "volume_cache")
+def cache_dir(data_config, split_dir) -> pathlib.Path:
+  return volumes.cache_dir(data_config, split_dir)
 
 
 def make_source(data_config, split: str, split_dir: pathlib.Path) -> volumes.VolumeSliceSource:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from sdseg_jax import storage
 from sdseg_jax.data import base, configs, splits as splits_lib, volumes
 
 BINARY_SETS = ("kvasir", "cvc")
@@ -212,9 +213,9 @@ def check_dataset(data_config, split_dir: pathlib.Path | None = None,
 
   names = sorted(items)
   try:
-    if split_dir is not None and (pathlib.Path(split_dir) / "train.txt").exists():
-      split = splits_lib.read_split_files(pathlib.Path(split_dir))
-      splits_lib._validate(pathlib.Path(split_dir), split, names)  # pylint: disable=protected-access
+    if split_dir is not None and (storage.path(split_dir) / "train.txt").exists():
+      split = splits_lib.read_split_files(split_dir)
+      splits_lib._validate(split_dir, split, names)  # pylint: disable=protected-access
     else:
       split = module.propose_split(data_config, names)
       missing = sorted(n for s in split.values() for n in s if n not in items)

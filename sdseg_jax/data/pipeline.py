@@ -18,12 +18,12 @@ collectives across hosts); padded rows repeat the first sample and carry `valid 
 from __future__ import annotations
 
 import math
-import pathlib
 from typing import Any, Iterator
 
 import grain
 import numpy as np
 
+from sdseg_jax import storage
 from sdseg_jax.data import registry, transforms
 
 Batch = dict[str, np.ndarray]
@@ -47,7 +47,7 @@ def _preprocess(data_config, train: bool, keep_label: bool = False) -> transform
       train=train, keep_label=keep_label)
 
 
-def make_train_loader(data_config, *, split_dir: pathlib.Path, global_batch_size: int,
+def make_train_loader(data_config, *, split_dir: storage.PathLike, global_batch_size: int,
                       process_index: int, process_count: int, seed: int,
                       worker_count: int,
                       num_classes: int | None = None) -> grain.DatasetIterator:
@@ -151,7 +151,7 @@ class EvalLoader:
     return iter(self._ds.to_iter_dataset(self._read_options))
 
 
-def make_eval_loader(data_config, split: str, *, split_dir: pathlib.Path, batch_size: int,
+def make_eval_loader(data_config, split: str, *, split_dir: storage.PathLike, batch_size: int,
                      process_index: int, process_count: int) -> EvalLoader:
   """Deterministic pass over `split` (no flips, no shuffle), padded, with a `valid` mask.
 

@@ -14,12 +14,11 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import os
-import pathlib
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from sdseg_jax import storage
 from sdseg_jax.data.base import DataError
 
 SPLITS = ("train", "val", "test")
@@ -45,20 +44,20 @@ def seeded_partition(names: Sequence[str], sizes: Mapping[str, int], seed: int,
   return out
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
+def _write_atomic(path: storage.PathLike, text: str) -> None:
   # Several processes of one run may propose the same split at once: the content is identical,
-  # and an atomic rename keeps readers from ever seeing half a file.
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
+  # and an atomic write (rename locally, one upload on gs://) keeps readers from ever seeing
+  # half a file.
+  storage.write_text_atomic(path, text)
 
 
-def read_split_files(split_dir: pathlib.Path) -> dict[str, list[str]]:
+def read_split_files(split_dir: storage.PathLike) -> dict[str, list[str]]:
+  split_dir = storage.path(split_dir)
   return {s: [l.strip() for l in (split_dir / f"{s}.txt").read_text().splitlines() if l.strip()]
           for s in SPLITS}
 
 
-def resolve_splits(split_dir: pathlib.Path, available: Sequence[str],
+def resolve_splits(split_dir: storage.PathLike, available: Sequence[str],
                    propose: Callable[[], Mapping[str, Sequence[str]]],
                    info: Mapping[str, object]) -> dict[str, list[str]]:
   """Returns {train, val, test} name lists, reading `split_dir` if it holds a split.
@@ -73,7 +72,7 @@ def resolve_splits(split_dir: pathlib.Path, available: Sequence[str],
     DataError: the stored split names missing data, overlaps itself, or was made for another
       dataset/scheme.
   """
-  split_dir = pathlib.Path(split_dir)
+  split_dir = storage.path(split_dir)  # a run's workdir may be gs://
   info = {k: v for k, v in info.items()}
   have = [(split_dir / f"{s}.txt").exists() for s in SPLITS]
   if all(have):
@@ -99,7 +98,7 @@ def resolve_splits(split_dir: pathlib.Path, available: Sequence[str],
   return splits
 
 
-def _validate(split_dir: pathlib.Path, splits: Mapping[str, Sequence[str]],
+def _validate(split_dir: storage.PathLike, splits: Mapping[str, Sequence[str]],
               available: Sequence[str]) -> None:
   available = set(available)
   problems = []

@@ -78,8 +78,7 @@ def make_source(data_config, split: str, split_dir: pathlib.Path) -> volumes.Vol
   level, width = float(data_config.window_level), float(data_config.window_width)
   window = volumes.Window(level - width / 2, level + width / 2, minmax=True)
   clean = bool(data_config.get("clean_labels", False))
-  cache = pathlib.Path(data_config.get("volume_cache_dir") or
-                       pathlib.Path(split_dir).parent / "volume_cache")
+  cache = volumes.cache_dir(data_config, split_dir)
   return volumes.VolumeSliceSource(
       [cases[n] for n in splits[split]], cache, window,
       functools.partial(binarise_labels, clean=clean), label_key=f"sts3d:clean={clean}")

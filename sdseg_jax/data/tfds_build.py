@@ -17,6 +17,12 @@ The build is keyed by the data fields that change the records (dataset, split sc
 labels, window...), and it stores the split lists it was built from; `make_source` with
 `format="tfds"` checks them against the run's split_dir (or writes them there), so a run can never
 read a build made from another split.
+
+A build may live in a bucket (data.tfds_data_dir=gs://BUCKET/tfds): build it on local disk, copy
+the folder up (`gcloud storage cp -r /data/tfds/* gs://BUCKET/tfds/`), and every host stages that
+build's files to its local disk once (~/.cache/sdseg_jax/tfds/BUCKET/PATH, or
+data.tfds_cache_dir) before reading. ArrayRecord's reader takes local file names only (given a
+gs:// name it hangs instead of failing), so records are never read from the bucket directly.
 """
 
 from __future__ import annotations
@@ -24,12 +30,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import pathlib
 import sys
+import uuid
 
 import numpy as np
 from PIL import Image
 
+from sdseg_jax import storage
 from sdseg_jax.data import base, configs, registry, splits as splits_lib
 
 # The data fields that change the stored records (resizing, augmentation and IO fields do not).
@@ -108,6 +117,12 @@ def _builder(data_config, split_dir: pathlib.Path | None):
 
 def build(data_config, split_dir: pathlib.Path) -> pathlib.Path:
   """Builds (or finds) the ArrayRecord copy of the dataset; returns its folder."""
+  if storage.is_remote(str(data_config.get("tfds_data_dir") or "")):
+    raise base.DataError(
+        f"--data_dir {data_config.tfds_data_dir}: build on local disk (ArrayRecord files are "
+        "written by name), then copy the build up: `gcloud storage cp -r LOCAL_DATA_DIR/* "
+        f"{data_config.tfds_data_dir}/` and train with data.tfds_data_dir="
+        f"{data_config.tfds_data_dir}")
   split_dir = pathlib.Path(split_dir)
   registry.folder_source(data_config, "train", split_dir)  # resolves/writes the split files
   builder = _builder(data_config, split_dir)
@@ -143,8 +158,47 @@ class TfdsSource:
     return f"TfdsSource(n={len(self)})"
 
 
+def _stage(data_config):
+  """For a gs:// tfds_data_dir: copies the build to local disk; returns the config reading it.
+
+  The local copy is current when its dataset_info.json equals the bucket's (a build of one
+  config key only changes by a rebuild, which rewrites that file). dataset_info.json is copied
+  last, and every file through a temporary name and a rename, so an interrupted or concurrent
+  staging (two processes on one host) never leaves a copy that looks complete but is not.
+  """
+  remote_root = storage.path(data_config.tfds_data_dir)
+  cache_root = pathlib.Path(data_config.get("tfds_cache_dir") or
+                            pathlib.Path.home() / ".cache" / "sdseg_jax" / "tfds")
+  local_config = data_config.copy_and_resolve_references()
+  local_config.tfds_data_dir = str(cache_root / os.fspath(remote_root)[len("gs://"):])
+  local = pathlib.Path(str(_builder(local_config, None).data_path))
+  remote = remote_root.joinpath(*local.relative_to(local_config.tfds_data_dir).parts)
+  info = remote / "dataset_info.json"
+  if not info.exists():
+    raise base.DataError(
+        f"no TFDS build of {data_config.name} with these settings at {remote}; build it on local "
+        f"disk (python -m sdseg_jax.data.tfds_build --dataset {data_config.name} --root ROOT "
+        f"--split_dir SPLIT_DIR --data_dir LOCAL_DATA_DIR), then copy it up: `gcloud storage cp "
+        f"-r LOCAL_DATA_DIR/* {remote_root}/`")
+  wanted = info.read_bytes()
+  local_info = local / "dataset_info.json"
+  if local_info.exists() and local_info.read_bytes() == wanted:
+    return local_config
+  local.mkdir(parents=True, exist_ok=True)
+  files = sorted((p for p in remote.iterdir() if p.name != info.name), key=lambda p: p.name)
+  for source in files + [info]:
+    tmp = local / f".{source.name}.{uuid.uuid4().hex}.tmp"
+    with source.open("rb") as f_in, open(tmp, "wb") as f_out:
+      while chunk := f_in.read(1 << 24):
+        f_out.write(chunk)
+    os.replace(tmp, local / source.name)
+  return local_config
+
+
 def make_source(data_config, split: str, split_dir: pathlib.Path) -> TfdsSource:
   """Source over a finished build; its stored split lists must match (or seed) split_dir."""
+  if storage.is_remote(str(data_config.get("tfds_data_dir") or "")):
+    data_config = _stage(data_config)
   builder = _builder(data_config, None)
   path = pathlib.Path(str(builder.data_path))
   command = (f"python -m sdseg_jax.data.tfds_build --dataset {data_config.name} --root ROOT "
@@ -152,7 +206,7 @@ def make_source(data_config, split: str, split_dir: pathlib.Path) -> TfdsSource:
   if not (path / "dataset_info.json").exists():
     raise base.DataError(f"no TFDS build of {data_config.name} with these settings at {path}; "
                          f"build it with: {command}")
-  split_dir = pathlib.Path(split_dir)
+  split_dir = storage.path(split_dir)  # the run's split files may be in a gs:// workdir
   for s in splits_lib.SPLITS:
     built, run = path / f"split_{s}.txt", split_dir / f"{s}.txt"
     if run.exists() and run.read_text() != built.read_text():

@@ -29,9 +29,29 @@ from typing import Callable
 
 import numpy as np
 
+from sdseg_jax import storage
 from sdseg_jax.data.base import DataError, Record
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def cache_dir(data_config, split_dir: storage.PathLike) -> pathlib.Path:
+  """The decoded-volume cache: data.volume_cache_dir, else WORKDIR/volume_cache.
+
+  The cache is memory-mapped, so it is always a local folder: for a gs:// workdir the default
+  is ~/.cache/sdseg_jax/volume_cache/BUCKET/PATH on each host.
+  """
+  configured = str(data_config.get("volume_cache_dir") or "")
+  if configured:
+    if storage.is_remote(configured):
+      raise DataError(f"data.volume_cache_dir={configured}: the volume cache is memory-mapped "
+                      "and must be a local folder")
+    return pathlib.Path(configured)
+  workdir = storage.path(split_dir).parent
+  if storage.is_remote(workdir):
+    return (pathlib.Path.home() / ".cache" / "sdseg_jax" / "volume_cache" /
+            os.fspath(workdir)[len("gs://"):])
+  return pathlib.Path(os.fspath(workdir)) / "volume_cache"
 
 
 def strip_nifti(name: str) -> str | None:

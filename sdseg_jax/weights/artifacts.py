@@ -1,18 +1,19 @@
 """Converted-weight artifacts: one `.npz` file of float32 arrays plus a JSON metadata entry.
 
 A flat npz (paths joined by '/') is readable by numpy alone, needs no pickle (loaded with
-`allow_pickle=False`) and is written atomically (temporary file + rename), so an interrupted
-conversion never leaves a half-written artifact behind.
+`allow_pickle=False`) and is written atomically (temporary file + rename locally, one upload on
+gs://), so an interrupted conversion never leaves a half-written artifact behind.
 """
 
+import io
 import json
 import os
-import pathlib
-import tempfile
 from typing import Any, Dict, Mapping, Tuple
 
 import jax
 import numpy as np
+
+from sdseg_jax import storage
 
 _META_KEY = "__meta__"
 
@@ -45,29 +46,20 @@ def _unflatten(flat: Mapping[str, np.ndarray]) -> Dict[str, Any]:
 
 def save(path: os.PathLike, tree: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
   """Writes `tree` (nested dicts of arrays) and `meta` (JSON-serialisable) atomically."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   arrays = _flatten(tree)
   arrays[_META_KEY] = np.frombuffer(json.dumps(dict(meta)).encode(), np.uint8)
-  fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  storage.write_bytes_atomic(path, buffer.getvalue())
 
 
 def load(path: os.PathLike) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   """Reads an artifact written by `save`: (tree of numpy arrays, metadata)."""
-  path = pathlib.Path(path)
+  path = storage.path(path)
   if not path.is_file():
     raise ArtifactError(f"{path}: converted weights not found")
   try:
-    with np.load(path, allow_pickle=False) as npz:
+    with np.load(storage.read_bytes(path), allow_pickle=False) as npz:
       flat = {key: npz[key] for key in npz.files}
   except Exception as e:  # zipfile/numpy raise several types for corrupt files.
     raise ArtifactError(f"{path}: not a readable sdseg_jax weights file ({e})") from None

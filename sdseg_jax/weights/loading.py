@@ -4,12 +4,12 @@ Every process reads the same file and contributes the shards its devices own
 (`make_array_from_callback`), so this works unchanged on one device, 8 devices or a pod.
 """
 
-import pathlib
 from typing import Any
 
 import jax
 import numpy as np
 
+from sdseg_jax import storage
 from sdseg_jax.weights import artifacts
 
 MISSING_WEIGHTS_HELP = """\
@@ -31,7 +31,7 @@ def missing_weights_message(path: str, what: str) -> str:
 
 def read(path: str, key: str, abstract: Any, what: str) -> Any:
   """Reads subtree `key` of an artifact and checks it against the abstract tree."""
-  if not pathlib.Path(path).is_file():
+  if not storage.path(path).is_file():
     raise FileNotFoundError(missing_weights_message(path, what))
   tree, meta = artifacts.load(path)
   if key not in tree:
