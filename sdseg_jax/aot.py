@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import pathlib
 import re
 import sys
@@ -50,6 +51,12 @@ _JSON = flags.DEFINE_string("json", None, "Also write the report as JSON to this
 flags.mark_flags_as_required(["config", "topology"])
 
 GIB = 2 ** 30
+# Every suite's report has these keys (the JSON schema; `python -m sdseg_jax.aot --help`).
+SUITE_KEYS = ("fits", "peak_bytes_per_chip", "argument_bytes_per_chip", "output_bytes_per_chip",
+              "alias_bytes_per_chip", "temp_bytes_per_chip", "per_chip_batch", "flops_per_chip",
+              "model_flops_per_chip", "bytes_accessed_per_chip", "roofline_step_seconds",
+              "xla_optimal_seconds", "estimated_images_per_s_per_chip", "estimated_mfu",
+              "collectives", "compile_seconds")
 # A suite fits when its peak stays under this share of HBM: the rest is the runtime's own
 # reservations, fragmentation and the input pipeline's device buffers.
 FIT_FRACTION = 0.9
@@ -89,6 +96,9 @@ class AotError(ValueError):
 def topology_devices(topology: str) -> List[Any]:
   """Compile-only devices of a TPU slice, e.g. "v5e:2x4" (all hosts' chips)."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  # libtpu guards a real chip with a machine-wide lock file; compile-only devices need no
+  # guard, and without this two checks (or parallel tests) on one laptop would block each other.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   if not re.fullmatch(r"v(4|5e|5p|6e):\d+(x\d+){1,2}", topology):
     raise AotError(f"unknown topology {topology!r}: expected a TPU slice such as "
                    f"{', '.join(TOPOLOGY_EXAMPLES)}")
@@ -314,6 +324,24 @@ def analyse(compiled: Any, *, chip: Chip, num_chips: int, per_chip_batch: float,
   return report
 
 
+_OOM_RE = re.compile(r"\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)")
+_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def out_of_memory(message: str, compile_seconds: float) -> Dict[str, Any]:
+  """The report of a suite XLA refused to compile because it exceeds HBM.
+
+  XLA:TPU first tries to fit (rematerialisation, memory-space assignment) and then stops with
+  RESOURCE_EXHAUSTED and its own figure of what the program needs; that figure is the peak.
+  """
+  match = _OOM_RE.search(message)
+  peak = None if match is None else int(float(match.group(1)) * _UNITS[match.group(2)])
+  report: Dict[str, Any] = {key: None for key in SUITE_KEYS}
+  report.update(fits=False, peak_bytes_per_chip=peak, compile_seconds=compile_seconds,
+                error=message.strip().splitlines()[0][:2000])
+  return report
+
+
 # ---- the command ----------------------------------------------------------------------------------
 def run(config: ml_collections.ConfigDict, topology: str, suites: Sequence[str]) -> Dict[str, Any]:
   """Compiles `suites` for `topology` and returns the JSON-ready report."""
@@ -339,7 +367,13 @@ def run(config: ml_collections.ConfigDict, topology: str, suites: Sequence[str])
   compilers = {"train": compile_train, "infer": compile_infer}
   for suite in suites:
     start = time.perf_counter()
-    compiled = compilers[suite](program)
+    try:
+      compiled = compilers[suite](program)
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      report[suite] = out_of_memory(str(e), time.perf_counter() - start)
+      continue
     seconds = time.perf_counter() - start
     report[suite] = analyse(compiled, chip=chip, num_chips=len(devices),
                             per_chip_batch=per_chip_batch,
@@ -355,6 +389,9 @@ def summary(report: Dict[str, Any], suites: Sequence[str]) -> str:
   hbm = report["hbm_bytes_per_chip"] / GIB
   for suite in suites:
     r = report[suite]
+    if r.get("error"):
+      lines.append(f"  {suite}: DOES NOT FIT: {r['error']}")
+      continue
     verdict = "fits" if r["fits"] else "DOES NOT FIT"
     optimal = ("n/a" if r["xla_optimal_seconds"] is None
                else f"{r['xla_optimal_seconds'] * 1e3:.1f} ms")
@@ -387,9 +424,10 @@ def main(argv) -> None:
   hbm = report["hbm_bytes_per_chip"]
   failed = [s for s in suites if not report[s]["fits"]]
   for suite in failed:
-    print(f"error: {suite} does not fit: peak {report[suite]['peak_bytes_per_chip'] / GIB:.2f} "
-          f"GiB per chip > {FIT_FRACTION} x {hbm / GIB:.1f} GiB HBM of {report['device_kind']}",
-          file=sys.stderr)
+    peak = report[suite]["peak_bytes_per_chip"]
+    peak_text = "unknown" if peak is None else f"{peak / GIB:.2f} GiB"
+    print(f"error: {suite} does not fit: peak {peak_text} per chip > {FIT_FRACTION} x "
+          f"{hbm / GIB:.1f} GiB HBM of {report['device_kind']}", file=sys.stderr)
   if failed:
     sys.exit(1)
 
