@@ -26,7 +26,7 @@ import pathlib
 import re
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -343,8 +343,13 @@ def out_of_memory(message: str, compile_seconds: float) -> Dict[str, Any]:
 
 
 # ---- the command ----------------------------------------------------------------------------------
-def run(config: ml_collections.ConfigDict, topology: str, suites: Sequence[str]) -> Dict[str, Any]:
-  """Compiles `suites` for `topology` and returns the JSON-ready report."""
+def run(config: ml_collections.ConfigDict, topology: str, suites: Sequence[str],
+        on_suite: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+  """Compiles `suites` for `topology` and returns the JSON-ready report.
+
+  `on_suite(report)` is called after each suite, so that a long full-size compile keeps its
+  first suite's figures even if the second is interrupted.
+  """
   devices = topology_devices(topology)
   chip = chip_of(devices[0])
   program = build_program(config, devices)
@@ -373,12 +378,14 @@ def run(config: ml_collections.ConfigDict, topology: str, suites: Sequence[str])
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
       report[suite] = out_of_memory(str(e), time.perf_counter() - start)
-      continue
-    seconds = time.perf_counter() - start
-    report[suite] = analyse(compiled, chip=chip, num_chips=len(devices),
-                            per_chip_batch=per_chip_batch,
-                            model_flops=model_flops_per_example(config, suite),
-                            compile_seconds=seconds)
+    else:
+      seconds = time.perf_counter() - start
+      report[suite] = analyse(compiled, chip=chip, num_chips=len(devices),
+                              per_chip_batch=per_chip_batch,
+                              model_flops=model_flops_per_example(config, suite),
+                              compile_seconds=seconds)
+    if on_suite is not None:
+      on_suite(report)
   return report
 
 
@@ -405,6 +412,15 @@ def summary(report: Dict[str, Any], suites: Sequence[str]) -> str:
   return "\n".join(lines)
 
 
+def _write_json(report: Dict[str, Any]) -> None:
+  if _JSON.value:
+    path = pathlib.Path(_JSON.value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(path)
+
+
 def main(argv) -> None:
   del argv
   # The targets are compile-only devices; the local backend only builds abstract shapes.
@@ -412,15 +428,11 @@ def main(argv) -> None:
   jax.config.update("jax_threefry_partitionable", True)
   suites = ("train", "infer") if _SUITE.value == "both" else (_SUITE.value,)
   try:
-    report = run(_CONFIG.value, _TOPOLOGY.value, suites)
+    report = run(_CONFIG.value, _TOPOLOGY.value, suites, on_suite=_write_json)
   except (AotError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(summary(report, suites))
-  if _JSON.value:
-    path = pathlib.Path(_JSON.value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1))
   hbm = report["hbm_bytes_per_chip"]
   failed = [s for s in suites if not report[s]["fits"]]
   for suite in failed:
