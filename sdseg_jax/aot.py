@@ -37,7 +37,6 @@ from ml_collections import config_flags
 
 from sdseg_jax import multiclass
 from sdseg_jax import sharding as sharding_lib
-from sdseg_jax import state as state_lib
 from sdseg_jax import step as step_lib
 from sdseg_jax.models import model_config as model_config_lib
 from sdseg_jax.models import sdseg
@@ -153,15 +152,9 @@ def build_program(config: ml_collections.ConfigDict, devices: Sequence[Any]) -> 
                    f"chips ({mesh.size}) and hosts ({hosts})")
   model = sdseg.build(config.model)
   tx = multiclass.make_optimizer(config)
-  rng = jax.random.key(config.seed)
-  abstract_params, abstract_vae = jax.eval_shape(model.init, rng)
-  param_sh = sharding_lib.param_shardings(abstract_params, mesh, config.mesh.strategy)
-  vae_sh = jax.tree_util.tree_map(lambda _: sharding_lib.replicated(mesh), abstract_vae)
-  create = lambda p, s: state_lib.create(p, tx, jax.random.fold_in(rng, 7), s)
-  abstract_state = jax.eval_shape(create, abstract_params, jnp.float32(1))
-  state_sh = sharding_lib.param_shardings(abstract_state, mesh, config.mesh.strategy)
-  return Program(config, mesh, model, tx, abstract_params, param_sh, abstract_vae, vae_sh,
-                 abstract_state, state_sh)
+  layout = sharding_lib.train_layout(model, tx, mesh, config.mesh.strategy)  # as train.run
+  return Program(config, mesh, model, tx, layout.params, layout.param_shardings, layout.vae,
+                 layout.vae_shardings, layout.state, layout.state_shardings)
 
 
 def compile_train(program: Program) -> Any:

@@ -8,13 +8,17 @@ tactics chosen in `config.mesh.strategy`:
 The frozen VAE is always replicated explicitly. Nothing outside this module names mesh axes.
 """
 
+import dataclasses
 import math
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from sdseg_jax import state as state_lib
 
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
@@ -90,3 +94,33 @@ def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainLayout:
+  """Abstract (shape-only) trainable params, frozen VAE and train state, with their shardings."""
+  params: Any
+  param_shardings: Any
+  vae: Any
+  vae_shardings: Any
+  state: Any
+  state_shardings: Any
+
+
+def train_layout(model: Any, tx: Any, mesh: Mesh, strategy: str) -> TrainLayout:
+  """How a run's state lies on the mesh: what `train.run` restores into and the AOT check compiles.
+
+  Nothing is computed: shapes come from `jax.eval_shape` of the model's init and of
+  `state.create`, so this is cheap at full size and on compile-only devices.
+  """
+  key = jax.random.key(0)  # shapes only: the values never exist
+  abstract_params, abstract_vae = jax.eval_shape(model.init, key)
+  abstract_state = jax.eval_shape(lambda p: state_lib.create(p, tx, key, jnp.float32(1)),
+                                  abstract_params)
+  return TrainLayout(
+      params=abstract_params,
+      param_shardings=param_shardings(abstract_params, mesh, strategy),
+      vae=abstract_vae,
+      vae_shardings=jax.tree_util.tree_map(lambda _: replicated(mesh), abstract_vae),
+      state=abstract_state,
+      state_shardings=param_shardings(abstract_state, mesh, strategy))

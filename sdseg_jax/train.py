@@ -208,12 +208,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       process_count=jax.process_count())
 
   # ---- abstract state and shardings ------------------------------------------------------------
-  abstract_params, abstract_vae = jax.eval_shape(model.init, rng)
-  param_sh = sharding_lib.param_shardings(abstract_params, mesh, config.mesh.strategy)
-  vae_sh = jax.tree_util.tree_map(lambda _: sharding_lib.replicated(mesh), abstract_vae)
+  layout = sharding_lib.train_layout(model, tx, mesh, config.mesh.strategy)
+  abstract_params, param_sh = layout.params, layout.param_shardings
+  abstract_vae, vae_sh = layout.vae, layout.vae_shardings
+  abstract_state, state_sh = layout.state, layout.state_shardings
   create = lambda p, s: state_lib.create(p, tx, jax.random.fold_in(rng, 7), s)
-  abstract_state = jax.eval_shape(create, abstract_params, jnp.float32(1))
-  state_sh = sharding_lib.param_shardings(abstract_state, mesh, config.mesh.strategy)
   abstract_state_sh = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sh)
 
