@@ -22,16 +22,22 @@ def _assert_same_records(a, b):
         assert ra[k] == rb[k]
 
 
+def kvasir_links(shared_data, folder, n: int = 6):
+  """folder/Kvasir-SEG: the first `n` real image/mask pairs, as symlinks (nothing copied)."""
+  src = shared_data / "Kvasir-SEG"
+  root = folder / "Kvasir-SEG"
+  for sub in ("images", "masks"):
+    (root / sub).mkdir(parents=True)
+  for p in sorted((src / "images").iterdir())[:n]:
+    (root / "images" / p.name).symlink_to(p)
+    (root / "masks" / p.name).symlink_to(src / "masks" / p.name)
+  return root
+
+
 @pytest.fixture
 def kvasir_subset(shared_data, tmp_path):
   """A 6-pair Kvasir-SEG folder of symlinks to the real files."""
-  src = shared_data / "Kvasir-SEG"
-  root = tmp_path / "Kvasir-SEG"
-  for sub in ("images", "masks"):
-    (root / sub).mkdir(parents=True)
-  for p in sorted((src / "images").iterdir())[:6]:
-    (root / "images" / p.name).symlink_to(p)
-    (root / "masks" / p.name).symlink_to(src / "masks" / p.name)
+  root = kvasir_links(shared_data, tmp_path)
   c = configs.get_data_config("kvasir", str(root))
   c.val_size, c.test_size = 1, 2
   c.tfds_data_dir = str(tmp_path / "tfds")

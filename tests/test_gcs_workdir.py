@@ -18,10 +18,8 @@ before any training, naming the path.
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
-import time
 from typing import Any, Dict, List, Sequence
 
 import jax
@@ -34,6 +32,7 @@ from sdseg_jax import checkpoint as checkpoint_lib
 from sdseg_jax.data import tfds_build
 from sdseg_jax.weights import artifacts
 from tests import gcs_server as gcs_lib
+from tests import test_data_tfds
 from tests import test_train_loop as loop
 from tests.test_train_loop import reference  # noqa: F401  pylint: disable=unused-import
 
@@ -107,21 +106,6 @@ def _run(cmd: Sequence[str], env: Dict[str, str], cwd: pathlib.Path, log: pathli
                           timeout=timeout, check=False).returncode
 
 
-def _stop_after_first_logged_step(proc: subprocess.Popen, fs, workdir: str) -> None:
-  """SIGTERM once the bucket's metrics.jsonl shows a train step (paused so it lands mid-run)."""
-  deadline = time.monotonic() + loop.RUN_TIMEOUT
-  while not loop.train_steps(_bucket_metrics(fs, workdir)):
-    if proc.poll() is not None:
-      raise AssertionError(f"the run exited ({proc.returncode}) before logging a step")
-    if time.monotonic() > deadline:
-      proc.kill()
-      raise AssertionError("no train step logged before the timeout")
-    time.sleep(0.05)
-  os.kill(proc.pid, signal.SIGSTOP)
-  os.kill(proc.pid, signal.SIGTERM)
-  os.kill(proc.pid, signal.SIGCONT)
-
-
 @pytest.fixture(scope="module")
 def gcs_run(tmp_path_factory, gcs_server) -> pathlib.Path:
   """Local folder of the bucket run: logs, cwd/ (must stay empty), download/ (the final run)."""
@@ -137,7 +121,7 @@ def gcs_run(tmp_path_factory, gcs_server) -> pathlib.Path:
       proc = subprocess.Popen(_main(RUN, *RUN_FLAGS), stdout=out, stderr=subprocess.STDOUT,
                               env=env, cwd=cwd)
       try:
-        _stop_after_first_logged_step(proc, fs, RUN)
+        loop.stop_after_first_logged_step(proc, lambda: _bucket_metrics(fs, RUN))
         rc = proc.wait(timeout=loop.RUN_TIMEOUT)
       finally:
         if proc.poll() is None:
@@ -334,13 +318,7 @@ def test_bad_storage_input_fails_before_training(case, workdir, flags, message, 
 def test_tfds_build_in_the_bucket_feeds_training(gcs_server, shared_data, tmp_path,
                                                  tmp_path_factory):
   """A 6-image Kvasir-SEG ArrayRecord build, copied into the bucket, trains a tiny run."""
-  src = shared_data / "Kvasir-SEG"
-  root = tmp_path / "Kvasir-SEG"
-  for sub in ("images", "masks"):
-    (root / sub).mkdir(parents=True)
-  for p in sorted((src / "images").iterdir())[:6]:
-    (root / "images" / p.name).symlink_to(p)
-    (root / "masks" / p.name).symlink_to(src / "masks" / p.name)
+  root = test_data_tfds.kvasir_links(shared_data, tmp_path)
   fields = {"name": "kvasir", "split": "sdseg", "val_size": 1, "test_size": 2}
   data = tiny.get_config().data.copy_and_resolve_references()
   for k, v in fields.items():

@@ -191,14 +191,16 @@ def reference(tmp_path_factory) -> pathlib.Path:
   return shared_run(tmp_path_factory, "reference", produce)
 
 
-def _stop_after_first_logged_step(proc: subprocess.Popen, workdir: pathlib.Path) -> None:
-  """SIGTERM as soon as metrics.jsonl shows a train step.
+def stop_after_first_logged_step(proc: subprocess.Popen,
+                                 metrics: Callable[[], List[Dict[str, Any]]]) -> None:
+  """SIGTERM as soon as `metrics()` (the run's metrics.jsonl records) shows a train step.
 
   The process is paused (SIGSTOP) the moment the step appears, so the signal reliably lands
-  before the last step however loaded the machine is; it is delivered on SIGCONT.
+  before the last step however loaded the machine is; it is delivered on SIGCONT. Shared with
+  the gs:// workdir tests, which read the records from the bucket.
   """
   deadline = time.monotonic() + RUN_TIMEOUT
-  while not train_steps(read_metrics(workdir)):
+  while not train_steps(metrics()):
     if proc.poll() is not None:
       raise AssertionError(f"the run exited ({proc.returncode}) before logging a step")
     if time.monotonic() > deadline:
@@ -222,7 +224,7 @@ def sigterm_run(tmp_path_factory) -> pathlib.Path:
       proc = subprocess.Popen(main_command(workdir, *SIGTERM_RUN_FLAGS), stdout=out,
                               stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
       try:
-        _stop_after_first_logged_step(proc, workdir)
+        stop_after_first_logged_step(proc, lambda: read_metrics(workdir))
         rc = proc.wait(timeout=RUN_TIMEOUT)
       finally:
         if proc.poll() is None:
