@@ -1,65 +1,22 @@
 """`make_source(data_config, split, split_dir)`: the one entry point from configs to data sources.
 
-Dispatches on `data_config.name` and `data_config.format` ("folder": read the user's download
-directly, the zero-setup default; "tfds": read the ArrayRecord files built by
-`python -m sdseg_jax.data.tfds_build`). Dataset modules are imported lazily so that e.g. a
-Kvasir run never imports nibabel.
-
-Where the data may live: a folder layout (PNG/JPG/TIFF/NIfTI read by PIL and nibabel, listed
-and opened at random) must be on local disk; a `gs://` data.root fails in `check_location` with
-the copy command. A TFDS build (data.format="tfds") may sit in a bucket (data.tfds_data_dir=gs://):
-each host stages its ArrayRecord files to local disk once (tfds_build.make_source). The run's
-split files (WORKDIR/splits) may be in a gs:// workdir.
+Dispatches on `data_config.format`: "folder" reads the user's download directly (`folder.py`,
+the zero-setup default); "tfds" reads the ArrayRecord files built by
+`python -m sdseg_jax.data.tfds_build`. A TFDS build (data.format="tfds") may sit in a bucket
+(data.tfds_data_dir=gs://): each host stages its ArrayRecord files to local disk once
+(tfds_build.make_source). The run's split files (WORKDIR/splits) may be in a gs:// workdir.
 """
 
 from __future__ import annotations
 
-import importlib
-
 from sdseg_jax import storage
-from sdseg_jax.data.base import DataError
+from sdseg_jax.data import folder
 from sdseg_jax.data.splits import SPLITS
 
-NAMES = ("kvasir", "cvc", "refuge", "btcv", "sts3d", "synthetic")
-
-
-def check_location(data_config) -> None:
-  """Folder layouts must be local; a gs:// TFDS build must be in a reachable bucket.
-
-  Raises:
-    DataError: a gs:// data.root with a folder layout (says how to copy it).
-    storage.StorageError: a malformed gs:// path, a missing bucket or missing credentials.
-  """
-  if data_config.name == "synthetic":
-    return
-  fmt = data_config.get("format", "folder")
-  root = str(data_config.get("root") or "")
-  if fmt == "folder" and root:
-    storage.path(root)  # rejects mistyped URLs such as gs:/bucket/data
-    if storage.is_remote(root):
-      local = f"/data/{storage.path(root).name}"
-      raise DataError(
-          f"data.root={root}: the {data_config.name} folder layout is read from local disk "
-          f"(PIL/nibabel, random access), not from a bucket. Copy it to every host first, e.g. "
-          f"`gcloud storage cp -r {root} /data/` and --config.data.root={local}, or build an "
-          f"ArrayRecord copy once (python -m sdseg_jax.data.tfds_build) and train with "
-          f"data.format='tfds' and data.tfds_data_dir=gs://...")
-  tfds_dir = str(data_config.get("tfds_data_dir") or "")
-  if fmt == "tfds" and tfds_dir:
-    storage.check_bucket(storage.path(tfds_dir), write=False)
-
-
-def folder_source(data_config, split: str, split_dir: storage.PathLike):
-  """Source reading the dataset's own folder layout (never TFDS)."""
-  name = data_config.name
-  if name not in NAMES:
-    raise ValueError(f"unknown dataset {name!r}; expected one of {NAMES}")
-  if name == "synthetic":
-    from sdseg_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-    return synthetic.make_source(data_config, split)
-  check_location(data_config)
-  module = importlib.import_module(f"sdseg_jax.data.{name}")
-  return module.make_source(data_config, split, storage.path(split_dir))
+# Re-exported: the config check and the trainer ask the registry which datasets exist and
+# where their data may live.
+NAMES = folder.NAMES
+check_location = folder.check_location
 
 
 def make_source(data_config, split: str, split_dir: storage.PathLike):
@@ -68,7 +25,7 @@ def make_source(data_config, split: str, split_dir: storage.PathLike):
     raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
   fmt = data_config.get("format", "folder")
   if fmt == "folder" or data_config.name == "synthetic":
-    return folder_source(data_config, split, split_dir)
+    return folder.make_source(data_config, split, split_dir)
   if fmt == "tfds":
     from sdseg_jax.data import tfds_build  # pylint: disable=g-import-not-at-top
     return tfds_build.make_source(data_config, split, storage.path(split_dir))

@@ -3,7 +3,7 @@ r"""TFDS builders writing the raw records of each dataset as ArrayRecord, read b
   python -m sdseg_jax.data.tfds_build --dataset kvasir --root /data/Kvasir-SEG \
       --split_dir WORKDIR/splits --data_dir /data/tfds [--set field=value ...]
 
-The user's download is the builder's `manual_dir`; the folder source (`registry.folder_source`)
+The user's download is the builder's `manual_dir`; the folder source (`folder.make_source`)
 produces the records, so the TFDS copy is by construction the same data: 2D images and label maps
 as lossless PNG `Image` features, CT/CBCT slices as zlib `Tensor` float32 features (numpy images
 would need TensorFlow's PNG encoder; PIL images and Tensor features do not). Generation order is
@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 
 from sdseg_jax import storage
-from sdseg_jax.data import base, configs, registry, splits as splits_lib
+from sdseg_jax.data import base, configs, folder, splits as splits_lib
 
 # The data fields that change the stored records (resizing, augmentation and IO fields do not).
 _KEY_FIELDS = ("name", "split", "split_seed", "val_size", "test_size", "layout", "labels",
@@ -89,7 +89,7 @@ def _builder_class(name: str):
               if (self._split_dir / f"{s}.txt").read_text().strip()}
 
     def _generate_examples(self, split):
-      source = registry.folder_source(self._data_config, split, self._split_dir)
+      source = folder.make_source(self._data_config, split, self._split_dir)
       for i in range(len(source)):
         rec = source[i]
         image = rec["image"][..., 0] if volume else Image.fromarray(rec["image"])
@@ -124,7 +124,7 @@ def build(data_config, split_dir: pathlib.Path) -> pathlib.Path:
         f"{data_config.tfds_data_dir}/` and train with data.tfds_data_dir="
         f"{data_config.tfds_data_dir}")
   split_dir = pathlib.Path(split_dir)
-  registry.folder_source(data_config, "train", split_dir)  # resolves/writes the split files
+  folder.make_source(data_config, "train", split_dir)  # resolves/writes the split files
   builder = _builder(data_config, split_dir)
   tfds = _tfds()
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
