@@ -49,7 +49,7 @@ Steps and their time limits (s): probe 40, smoke 60, infer_bf16 140, train_bf16 
 profile 75, infer_fp32 85. A step that fails or hits its limit keeps its partial JSON and the
 run goes on; a failed probe or smoke stops the run (exit 1), a smoke cut at its limit does
 not. Exit status 1 when any step failed. Peak numbers for MFU: H100/H200 SXM dense bf16
-989.4 TFLOP/s, TF32 494.7 TFLOP/s (sdseg_jax/benchmark.py).
+989.4 TFLOP/s, TF32 494.7 TFLOP/s (sdseg_jax/bench/machine.py).
 USAGE
 }
 

@@ -33,6 +33,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import jax
 
 from sdseg_jax import benchmark
+from sdseg_jax.bench import jax_runners
+from sdseg_jax.bench import machine
 
 # Trace lines that summarise the kernel lines below them; counting them would double the time.
 _DERIVED_LINES = ("XLA Ops", "XLA Modules", "XLA TraceMe", "Framework Name Scope",
@@ -141,12 +143,12 @@ def write_csv(rows: List[Dict[str, Any]], path: str) -> None:
 def profile(config_path: Optional[str], batch: int, dtype: str, steps: int, trace_dir: str,
             top: int = 30, log=print) -> Dict[str, Any]:
   """Compiles, warms up, traces `steps` train steps + `steps` inference calls, reduces."""
-  config = benchmark._load_config(config_path or benchmark.DEFAULT_CONFIG)  # pylint: disable=protected-access
+  config = benchmark.load_config(config_path or benchmark.DEFAULT_CONFIG)
   timings: Dict[str, Any] = {}
   start = time.perf_counter()
-  train = benchmark.JaxTrain(config, dtype)
+  train = jax_runners.JaxTrain(config, dtype)
   train_step = train.call(batch)
-  infer = benchmark.JaxInference(config, dtype)
+  infer = jax_runners.JaxInference(config, dtype)
   infer_call = infer.call(batch)
   jax.block_until_ready(train_step())
   jax.block_until_ready(infer_call())
@@ -170,7 +172,7 @@ def profile(config_path: Optional[str], batch: int, dtype: str, steps: int, trac
   timings["reduce_s"] = round(time.perf_counter() - start, 3)
   report.update(trace_file=str(path), trace_bytes=path.stat().st_size, batch=batch,
                 dtype=train.dtype, steps={"train": steps, "infer": steps},
-                device=benchmark.device_info(measure_cpu_peak=False), timings=timings,
+                device=machine.device_info(measure_cpu_peak=False), timings=timings,
                 config=config_path or benchmark.DEFAULT_CONFIG)
   return report
 
