@@ -2,19 +2,21 @@
 
 The paper's instance-level stability protocol (`scripts/stability_evaluation.ipynb`) compares the
 probability maps (p*255 saved as uint8 PNGs, read back as float on the 0-255 scale) of 10 inference
-runs with torchmetrics 0.7 metric classes at their defaults. We re-derive those metrics with
-numpy/scipy so that the numbers are comparable without a torch dependency:
+runs with torchmetrics 0.7 metric classes at their defaults. SSIM and PSNR come from scikit-image,
+whose settings below reproduce torchmetrics' without a torch dependency; MS-SSIM has no
+scikit-image counterpart and is written here from the same per-scale statistics:
 
 * SSIM: 11-tap Gaussian window (sigma 1.5; 11 = 2*int(3.5*sigma+0.5)+1), k1 = 0.01, k2 = 0.03,
   population (not sample) covariances, SSIM map averaged over the "valid" region only (a border of 5
-  pixels is dropped, so the padding mode is irrelevant). This is also skimage's
+  pixels is dropped, so the padding mode is irrelevant): skimage's
   `structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False)`.
 * MS-SSIM: 5 scales with betas (0.0448, 0.2856, 0.3001, 0.2363, 0.1333), 2x2 average pooling
   between scales (odd trailing rows/columns dropped, like `avg_pool2d`), result
   prod_{j<5} cs_j**beta_j * ssim_5**beta_5 with cs_j/ssim_j the valid-region means at scale j.
   No normalisation by default (negative cs then yields NaN, as in torchmetrics with
   `normalize=None`); `normalize="relu"` clamps at 0 like newer torchmetrics defaults.
-* PSNR: 10*log10(data_range**2 / MSE); +inf for identical inputs (the protocol skips those pairs).
+* PSNR: 10*log10(data_range**2 / MSE) (skimage's `peak_signal_noise_ratio`); +inf for identical
+  inputs (the protocol skips those pairs).
 
 data_range: torchmetrics 0.7 defaults to `data_range=None`, which *infers* the range per call: for
 SSIM/MS-SSIM max(preds.max()-preds.min(), target.max()-target.min()) (MS-SSIM re-infers it at every
@@ -31,6 +33,7 @@ from typing import Literal, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
+from skimage import metrics as skimage_metrics
 
 from sdseg_jax import metrics
 
@@ -72,7 +75,11 @@ def _local_mean(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
 def ssim_components(preds: np.ndarray, target: np.ndarray, data_range: float,
                     sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03
                     ) -> tuple[np.ndarray, np.ndarray]:
-  """Valid-region SSIM map and contrast-structure (cs) map over the last two axes."""
+  """Valid-region SSIM map and contrast-structure (cs) map over the last two axes.
+
+  MS-SSIM needs the cs map, which skimage does not expose; `ssim` itself is skimage's, and the
+  tests hold the two to the same values.
+  """
   preds, target = _as_image_pair(preds, target)
   kernel = gaussian_kernel_1d(sigma)
   if min(preds.shape[-2:]) < kernel.size:
@@ -91,13 +98,19 @@ def ssim(preds: np.ndarray, target: np.ndarray, data_range: DataRange = 255.0,
          sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> float:
   """Mean SSIM of two images (H, W) or stacks (..., H, W), e.g. RGB (3, H, W); 0-255 floats.
 
-  data_range=None infers it as torchmetrics 0.7 does (see module docstring).
+  A stack is the mean over its images (skimage's channel mean). data_range=None infers it as
+  torchmetrics 0.7 does (see module docstring).
   """
   preds, target = _as_image_pair(preds, target)
   if data_range is None:
     data_range = _infer_range(preds, target)
-  ssim_map, _ = ssim_components(preds, target, data_range, sigma, k1, k2)
-  return float(ssim_map.mean())
+  window = gaussian_kernel_1d(sigma).size
+  if min(preds.shape[-2:]) < window:
+    raise ValueError(f"images {preds.shape[-2:]} are smaller than the {window}-tap window")
+  stack = lambda x: x.reshape(-1, *x.shape[-2:])  # pylint: disable=g-long-lambda
+  return float(skimage_metrics.structural_similarity(
+      stack(preds), stack(target), data_range=data_range, channel_axis=0,
+      gaussian_weights=True, sigma=sigma, use_sample_covariance=False, K1=k1, K2=k2))
 
 
 def _avg_pool2(x: np.ndarray) -> np.ndarray:
@@ -149,10 +162,8 @@ def psnr(preds: np.ndarray, target: np.ndarray, data_range: DataRange = 255.0) -
   preds, target = _as_image_pair(preds, target)
   if data_range is None:
     data_range = float(target.max() - target.min())
-  mse = float(np.mean((preds - target) ** 2))
-  if mse == 0.0:
-    return float("inf")
-  return float(10.0 * np.log10(data_range ** 2 / mse))
+  with np.errstate(divide="ignore"):  # identical inputs: MSE 0 -> +inf, as documented
+    return float(skimage_metrics.peak_signal_noise_ratio(target, preds, data_range=data_range))
 
 
 def instance_stability(runs: np.ndarray, reference: int = 0,

@@ -160,3 +160,49 @@ def test_pairwise_dice_spread_and_uncertainty():
   assert math.isnan(sim.pairwise_dice_spread(masks[:1])["mean"])
   probs = np.stack([np.zeros((2, 2)), np.ones((2, 2))])
   np.testing.assert_allclose(sim.uncertainty_map(probs), np.full((2, 2), 0.5))
+
+
+# Values of the hand-written SSIM/PSNR (scipy filters) that scikit-image replaced, on real
+# Kvasir-SEG masks and images at 256x256: the replacement must reproduce them.
+# Per case: ssim, ms_ssim, psnr of (blurred mask, mask) at range 255, then the same three of
+# (blurred RGB image, RGB image) with the inferred range (data_range=None).
+_BEFORE_SKIMAGE = {
+    "cju0qkwl35piu0993l0dewei2": (0.8838743988718712, 0.9508856454901466, 21.25343052177715,
+                                  0.7325680889485742, 0.9372765333537189, 26.719596601531855),
+    "cju0qoxqj9q6s0835b43399p4": (0.8826584920516372, 0.9483584830683008, 21.31741237243782,
+                                  0.9277001371037246, 0.9874281041073717, 34.8180844882144),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_BEFORE_SKIMAGE))
+def test_real_images_keep_their_values(shared_data, name):
+  from PIL import Image, ImageFilter  # pylint: disable=g-import-not-at-top
+  root = shared_data / "Kvasir-SEG"
+  mask = Image.open(root / "masks" / f"{name}.jpg").convert("L").resize((256, 256),
+                                                                        Image.NEAREST)
+  image = Image.open(root / "images" / f"{name}.jpg").convert("RGB").resize((256, 256),
+                                                                            Image.BILINEAR)
+  chw = lambda im: np.asarray(im).transpose(2, 0, 1).astype(np.float64)  # noqa: E731
+  target, preds = np.asarray(mask, np.float64), np.asarray(
+      mask.filter(ImageFilter.GaussianBlur(4)), np.float64)
+  rgb = chw(image)
+  rgb_blurred = chw(Image.fromarray(rgb.transpose(1, 2, 0).astype(np.uint8)).filter(
+      ImageFilter.GaussianBlur(1.5)))
+  got = (sim.ssim(preds, target), sim.ms_ssim(preds, target), sim.psnr(preds, target),
+         sim.ssim(rgb_blurred, rgb, None), sim.ms_ssim(rgb_blurred, rgb, None),
+         sim.psnr(rgb_blurred, rgb, None))
+  np.testing.assert_allclose(got, _BEFORE_SKIMAGE[name], rtol=1e-12)
+
+
+def test_ms_ssim_components_agree_with_skimage_ssim():
+  # One scale with beta 1 is plain SSIM: the hand-written statistics behind MS-SSIM must give
+  # skimage's value, including for stacks and inferred ranges.
+  metrics_mod = pytest.importorskip("skimage.metrics")
+  rng = np.random.default_rng(7)
+  x = np.stack([_smooth_map(rng, (40, 52)) for _ in range(2)])
+  y = np.clip(x + 12 * rng.standard_normal(x.shape), 0, 255)
+  for data_range in (255.0, 180.0):
+    want = metrics_mod.structural_similarity(x, y, channel_axis=0, data_range=data_range,
+                                             gaussian_weights=True, sigma=1.5,
+                                             use_sample_covariance=False)
+    assert sim.ms_ssim(x, y, data_range, betas=(1.0,)) == pytest.approx(want, abs=1e-12)
