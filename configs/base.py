@@ -227,7 +227,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.log.tensorboard = True
   # Progress bar on stderr (process 0 only).
   config.log.progress_bar = True
-  # Optional profiler trace window [start, start + steps) written to WORKDIR/profile.
+  # Optional jax.profiler trace of the train steps [start, start + steps) in WORKDIR/profile
+  # (TensorBoard's profile plugin / XProf / Perfetto read it); -1: no trace.
   config.log.profile_start_step = -1
   config.log.profile_steps = 5
   return config

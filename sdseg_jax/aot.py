@@ -35,6 +35,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from sdseg_jax import compiled_cost
+from sdseg_jax import errors
 from sdseg_jax import multiclass
 from sdseg_jax import sharding as sharding_lib
 from sdseg_jax import step as step_lib
@@ -53,7 +54,7 @@ TOPOLOGY_EXAMPLES = ("v5e:2x2", "v5e:2x4", "v5e:4x8", "v5e:16x16", "v4:2x2x1", "
                      "v5p:4x4x8", "v6e:2x4")
 
 
-class AotError(ValueError):
+class AotError(errors.UserFacingError, ValueError):
   """A target or config that cannot be compiled; the message says why and what to pass."""
 
 
@@ -239,7 +240,8 @@ def summary(report: Dict[str, Any], suites: Sequence[str]) -> str:
     optimal = ("n/a" if r["xla_optimal_seconds"] is None
                else f"{r['xla_optimal_seconds'] * 1e3:.1f} ms")
     lines.append(
-        f"  {suite}: {verdict}: peak {r['peak_bytes_per_chip'] / compiled_cost.GIB:.2f} GiB of {hbm:.1f} GiB "
+        f"  {suite}: {verdict}: peak {r['peak_bytes_per_chip'] / compiled_cost.GIB:.2f} GiB of "
+        f"{hbm:.1f} GiB "
         f"per chip; XLA {(r['flops_per_chip'] or 0) / 1e12:.2f} TFLOP/chip "
         f"({r['xla_to_model_flops'] or 0:.2f} x model); estimated step "
         f"{r['roofline_step_seconds'] * 1e3:.1f} ms (roofline) / {optimal} (XLA cost model), "
@@ -265,7 +267,7 @@ def main(argv) -> None:
   suites = ("train", "infer") if _SUITE.value == "both" else (_SUITE.value,)
   try:
     report = run(_CONFIG.value, _TOPOLOGY.value, suites, on_suite=_write_json)
-  except (AotError, ValueError) as e:
+  except errors.UserFacingError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(summary(report, suites))
@@ -274,8 +276,8 @@ def main(argv) -> None:
   for suite in failed:
     peak = report[suite]["peak_bytes_per_chip"]
     peak_text = "unknown" if peak is None else f"{peak / compiled_cost.GIB:.2f} GiB"
-    print(f"error: {suite} does not fit: peak {peak_text} per chip > {compiled_cost.FIT_FRACTION} x "
-          f"{hbm / compiled_cost.GIB:.1f} GiB HBM of {report['device_kind']}", file=sys.stderr)
+    print(f"error: {suite} does not fit: peak {peak_text} per chip > "
+          f"{compiled_cost.FIT_FRACTION} x {hbm / compiled_cost.GIB:.1f} GiB HBM of {report['device_kind']}", file=sys.stderr)
   if failed:
     sys.exit(1)
 

@@ -40,6 +40,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import ml_collections
 
+from sdseg_jax import errors
 from sdseg_jax.bench import report as report_lib
 # The benchmark's building blocks under their historical names (benchmark_profile, the tests
 # and users' notebooks call them as `benchmark.X`); they live in sdseg_jax.bench.
@@ -67,7 +68,7 @@ def load_config(path: str) -> ml_collections.ConfigDict:
   file, _, arg = path.partition(":")
   spec = importlib.util.spec_from_file_location("_benchmark_config", file)
   if spec is None or not os.path.isfile(file):
-    raise FileNotFoundError(f"--config {path}: no such config file")
+    raise errors.MissingFileError(f"--config {path}: no such config file")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
@@ -103,7 +104,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   for suite in args.suite:
     if suite not in ("infer", "train"):
       parser.error(f"unknown suite {suite!r}")
-  config = load_config(args.config or DEFAULT_CONFIG)
   command = "python -m sdseg_jax.benchmark " + " ".join(
       sys.argv[1:] if argv is None else list(argv))
   def write(report: Dict[str, Any]) -> None:
@@ -114,11 +114,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         json.dump(report, f, indent=1)
       os.replace(tmp, args.json)
 
-  report = report_lib.run(config, args.suite, args.batch, args.dtype, warmup=args.warmup, iters=args.iters,
-               rounds=args.rounds, baseline=args.baseline, torch_dtypes=args.torch_dtype,
-               torch_device=args.torch_device, torch_threads=args.torch_threads,
-               microbatches=[None if m == "auto" else int(m) for m in args.microbatch],
-               command=command, log=functools.partial(print, flush=True), partial=write)
+  try:
+    config = load_config(args.config or DEFAULT_CONFIG)
+    report = report_lib.run(
+        config, args.suite, args.batch, args.dtype, warmup=args.warmup, iters=args.iters,
+        rounds=args.rounds, baseline=args.baseline, torch_dtypes=args.torch_dtype,
+        torch_device=args.torch_device, torch_threads=args.torch_threads,
+        microbatches=[None if m == "auto" else int(m) for m in args.microbatch],
+        command=command, log=functools.partial(print, flush=True), partial=write)
+  except errors.UserFacingError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   print(report_lib.format_table(report), flush=True)
   write(report)
   return report

@@ -59,6 +59,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sdseg_jax import errors
 from sdseg_jax import storage
 from sdseg_jax.weights import artifacts
 
@@ -69,7 +70,7 @@ _INFERENCE_FORMAT = "sdseg_jax.inference"
 _INFERENCE_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserFacingError, ValueError):
   """A checkpoint is missing, corrupt, unfinished, or does not fit the requested state."""
 
 
@@ -436,11 +437,8 @@ def _to_host(tree: Any) -> Any:
 
 
 def _sha256(path: epath.Path) -> str:
-  digest = hashlib.sha256()
-  with path.open("rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
+  with path.open("rb") as f:  # local or gs:// (a buffered reader either way)
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def export_inference(path: os.PathLike | str,

@@ -8,12 +8,14 @@ import json
 
 import ml_collections
 
+from sdseg_jax import errors
 from sdseg_jax import storage
 from sdseg_jax.data import registry
 
 
-class ConfigError(ValueError):
-  """A config value is invalid; the message names the field."""
+# Raised by `validate`; defined with the other user-facing errors so that low-level modules
+# (sharding, models) raise it without importing this module.
+ConfigError = errors.ConfigError
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -62,5 +64,5 @@ def load(workdir: storage.PathLike) -> ml_collections.ConfigDict:
   """The config a run was trained with (WORKDIR/config.json)."""
   path = storage.path(workdir) / "config.json"
   if not path.is_file():
-    raise FileNotFoundError(f"{path} not found: {workdir} is not an sdseg_jax run directory")
+    raise errors.MissingFileError(f"{path} not found: {workdir} is not an sdseg_jax run directory")
   return ml_collections.ConfigDict(json.loads(path.read_text()))

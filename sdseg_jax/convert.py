@@ -21,6 +21,7 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
+from sdseg_jax import errors
 from sdseg_jax import storage
 from sdseg_jax.models import sdseg
 from sdseg_jax.weights import artifacts
@@ -85,8 +86,7 @@ def main(argv) -> None:
     storage.check_bucket(storage.path(_OUT.value).parent, write=True)
     print(convert_file(_CONFIG.value.model, _KIND.value, _CHECKPOINT.value, _OUT.value,
                        _EMA.value))
-  except (torch_pickle.CheckpointFormatError, convert.ConversionError, storage.StorageError,
-          OSError) as e:
+  except (errors.UserFacingError, OSError) as e:  # OSError: an unreadable/unwritable path
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdseg_jax import errors
+
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
@@ -104,7 +106,7 @@ def single_step(schedule: Schedule, eps_fn: EpsFn, z_T: jax.Array) -> jax.Array:
 def ddim_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
   """LDM's "uniform" DDIM discretisation: {0, c, 2c, ...} + 1 with c = T // steps."""
   if not 1 <= steps <= num_timesteps:
-    raise ValueError(f"DDIM steps must be in [1, {num_timesteps}], got {steps}")
+    raise errors.ConfigError(f"DDIM steps must be in [1, {num_timesteps}], got {steps}")
   return np.arange(0, num_timesteps, num_timesteps // steps) + 1
 
 

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from sdseg_jax import errors
 from sdseg_jax import evaluator as evaluator_lib
 from sdseg_jax import metrics as metrics_lib
 from sdseg_jax import multiclass
@@ -61,14 +62,14 @@ def _batch_size(requested: Optional[int], default: int) -> int:
   """Per-process batch, rounded up to a multiple of the local devices (the batch is split)."""
   size = int(requested or default)
   if size <= 0:
-    raise ValueError(f"--batch-size must be positive, got {size}")
+    raise errors.ConfigError(f"--batch-size must be positive, got {size}")
   devices = jax.local_device_count()
   return int(math.ceil(size / devices) * devices)
 
 
 def make_loader(run: restore.Run, split: str, batch_size: Optional[int] = None):
   if split not in SPLITS:
-    raise ValueError(f"--split must be one of {SPLITS}, got {split!r}")
+    raise errors.ConfigError(f"--split must be one of {SPLITS}, got {split!r}")
   return pipeline.make_eval_loader(
       run.config.data, split, split_dir=run.workdir / "splits",
       batch_size=_batch_size(batch_size, run.config.eval.batch_size),
@@ -89,10 +90,10 @@ def evaluate(run: restore.Run, split: str = "test", *, ddim_steps: int = 0,
              empty_convention: Optional[str] = None) -> Dict[str, Any]:
   """Scores `run` on `split`; returns the JSON summary (see module docstring)."""
   if ddim_steps < 0:
-    raise ValueError(f"--ddim-steps must be >= 0 (0 = single step), got {ddim_steps}")
+    raise errors.ConfigError(f"--ddim-steps must be >= 0 (0 = single step), got {ddim_steps}")
   convention = empty_convention or run.config.eval.get("empty_convention", "official")
   if convention not in metrics_lib.EMPTY_CONVENTIONS:
-    raise ValueError(f"--empty-convention must be one of {metrics_lib.EMPTY_CONVENTIONS}")
+    raise errors.ConfigError(f"--empty-convention must be one of {metrics_lib.EMPTY_CONVENTIONS}")
   loader = make_loader(run, split, batch_size)
   start = time.perf_counter()
   evaluator = evaluator_lib.Evaluator(run.model, run.mesh, loader, noise_seed=seed,
@@ -258,7 +259,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       if jax.process_index() == 0:
         print(format_table(result, args.per_case))
         print(f"wrote {path}")
-  except (restore.RestoreError, ValueError, FileNotFoundError) as e:
+  except errors.UserFacingError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

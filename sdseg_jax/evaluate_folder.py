@@ -34,6 +34,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
+from sdseg_jax import errors
 from sdseg_jax import mask_io
 from sdseg_jax import metrics
 
@@ -45,7 +46,7 @@ NOTES = ("dice/iou are fractions in [0, 1]; hd95/assd are null when the predicti
          "prediction = 0 (also when GT is empty); IoU both empty = 0.")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(errors.UserFacingError, ValueError):
   """The folders cannot be scored (missing predictions, size mismatch, duplicate names...)."""
 
 

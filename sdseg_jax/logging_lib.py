@@ -7,16 +7,19 @@ loses nothing already logged and `plots.py` can read a live run.
 In a gs:// workdir, where objects cannot be appended to, the file's lines are kept in memory and
 the whole object is uploaded at every write (an upload is atomic; the file stays small: one line
 per logged step). TensorBoard events go through tensorboardX's own gs:// writer.
+
+`ProfileWindow` is the loop's optional `jax.profiler` trace (config.log.profile_*).
 """
 
 import json
 import math
-from typing import Any, List, Mapping, Optional
+from typing import Any, List, Mapping
 
 from etils import epath
 import jax
 import numpy as np
 
+from sdseg_jax import errors
 from sdseg_jax import storage
 
 
@@ -75,10 +78,6 @@ class MetricWriter:
         self._tb.add_scalar(k, v, step)
       self._tb.flush()
 
-  def write_image(self, step: int, name: str, image: np.ndarray) -> None:
-    if self.active and self._tb is not None:
-      self._tb.add_image(name, image, step, dataformats="HWC")
-
   def close(self) -> None:
     if self._jsonl is not None:
       self._jsonl.close()
@@ -86,7 +85,43 @@ class MetricWriter:
       self._tb.close()
 
 
-class TrainingDiverged(FloatingPointError):
+class ProfileWindow:
+  """A `jax.profiler` trace of train steps [start, start + num_steps) in WORKDIR/profile.
+
+  Off when `start` < 0 (the default). Every process writes its own trace (named after its host)
+  under WORKDIR/profile/plugins/profile/<run>/, which TensorBoard's profile plugin, XProf or
+  Perfetto open. The trace stops once the last step of the window has finished on the device,
+  so it holds whole steps, not just their asynchronous dispatch. A resumed run whose first step
+  lies inside the window traces the rest of it.
+  """
+
+  def __init__(self, workdir: storage.PathLike, start: int, num_steps: int):
+    self.directory = storage.path(workdir) / "profile"
+    self._start, self._end = start, start + max(int(num_steps), 1)
+    self._tracing = False
+
+  def before_step(self, step: int, state: Any) -> None:
+    """Called with the state that step `step` is about to consume (it is not donated yet)."""
+    if self._tracing and step >= self._end:
+      jax.block_until_ready(state)  # the window's last step, finished on the device
+      self._stop()
+    elif not self._tracing and 0 <= self._start <= step < self._end:
+      jax.profiler.start_trace(str(self.directory))
+      self._tracing = True
+
+  def _stop(self) -> None:
+    jax.profiler.stop_trace()
+    self._tracing, self._start = False, -1  # one window per run
+
+  def __enter__(self) -> "ProfileWindow":
+    return self
+
+  def __exit__(self, *unused_exc_info) -> None:
+    if self._tracing:  # the run ended (or failed) inside the window
+      self._stop()
+
+
+class TrainingDiverged(errors.UserFacingError, FloatingPointError):
   """Non-finite training metrics: the run stops, and nothing of that state is saved."""
 
 
@@ -107,9 +142,3 @@ def check_finite(metrics: Mapping[str, Any], step: int, last_good: str = "") -> 
     raise TrainingDiverged(
         f"non-finite metrics at step {step}: {bad} ({terms}); this state was not saved and "
         f"{resume}. Lower the learning rate or check the input data.")
-
-
-def format_metrics(metrics: Mapping[str, Any], keys: Optional[list] = None) -> str:
-  keys = keys or sorted(metrics)
-  return " ".join(f"{k.split('/')[-1]}={float(np.asarray(metrics[k])):.4g}" for k in keys
-                  if k in metrics)

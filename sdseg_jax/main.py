@@ -21,9 +21,8 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-from sdseg_jax import config_lib
 from sdseg_jax import distributed
-from sdseg_jax import logging_lib
+from sdseg_jax import errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -71,8 +70,7 @@ def main(argv) -> None:
   from sdseg_jax import train  # pylint: disable=g-import-not-at-top
   try:
     result = train.run(_CONFIG.value, _WORKDIR.value)
-  except (config_lib.ConfigError, FileNotFoundError, ValueError,
-          logging_lib.TrainingDiverged) as e:
+  except errors.UserFacingError as e:  # anything else is a bug: let its traceback show
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -31,6 +31,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
+from sdseg_jax import errors
 from sdseg_jax import storage
 
 PathLike = Union[str, pathlib.Path]
@@ -39,7 +40,7 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 MASK_SUFFIXES = NIFTI_SUFFIXES + IMAGE_SUFFIXES
 
 
-class MaskReadError(ValueError):
+class MaskReadError(errors.UserFacingError, ValueError):
   """A mask file is missing, unreadable, corrupt or of an unsupported kind."""
 
 
@@ -73,10 +74,6 @@ def is_mask_file(path: PathLike) -> bool:
   """True for a regular file with one of the supported image/NIfTI suffixes."""
   path = pathlib.Path(path)
   return path.is_file() and split_suffix(path)[1] in MASK_SUFFIXES
-
-
-def is_nifti(path: PathLike) -> bool:
-  return split_suffix(path)[1] in NIFTI_SUFFIXES
 
 
 # ----------------------------------------------------------------------------------------------

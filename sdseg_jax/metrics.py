@@ -8,15 +8,13 @@ The widespread alternative (both empty = perfect agreement = 1, exactly one empt
 as `empty_convention="both_empty_is_one"` for analyses where the official quirk is unwanted.
 
 Everything binarises with `> 0` first (as the official code does), and works on arrays of any
-dimension (2D images, 3D volumes). `dice_iou_batch` is the in-graph (jax.numpy) twin used by the
-training-time evaluator; it follows the same conventions so in-training and offline numbers agree.
+dimension (2D images, 3D volumes).
 """
 
 from __future__ import annotations
 
 from typing import Callable, Literal, Mapping, Optional, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 from sdseg_jax import surface_distance
@@ -150,38 +148,6 @@ def summarize(cases: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, f
     out["count"][name] = int(finite.size)
     out["n_cases"][name] = int(column.size)
   return out
-
-
-def dice_iou_batch(pred: jnp.ndarray, target: jnp.ndarray,
-                   empty_convention: EmptyConvention = "official"
-                   ) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """In-graph per-item Dice and IoU for a batch, same conventions as `dice` / `iou`.
-
-  Args:
-    pred: (b, ...) boolean (or numeric, > 0 is foreground) predicted masks.
-    target: (b, ...) ground-truth masks of the same shape.
-    empty_convention: "official" or "both_empty_is_one"; a Python string (static under jit).
-
-  Returns:
-    (dice, iou), each float32 of shape (b,). jit/vmap-friendly: no data-dependent control flow.
-  """
-  _check_convention(empty_convention)
-  pred = jnp.asarray(pred) > 0
-  target = jnp.asarray(target) > 0
-  axes = tuple(range(1, pred.ndim))
-  p = jnp.sum(pred, axis=axes, dtype=jnp.float32)
-  g = jnp.sum(target, axis=axes, dtype=jnp.float32)
-  inter = jnp.sum(pred & target, axis=axes, dtype=jnp.float32)
-  union = p + g - inter
-  if empty_convention == "official":
-    dice_both = 2.0 * inter / (p + g + EPS)
-    dice_val = jnp.where(p > 0, jnp.where(g > 0, dice_both, 1.0), 0.0)
-    iou_val = inter / (union + EPS)
-  else:
-    both_empty = (p + g) == 0
-    dice_val = jnp.where(both_empty, 1.0, 2.0 * inter / jnp.maximum(p + g, 1.0))
-    iou_val = jnp.where(both_empty, 1.0, inter / jnp.maximum(union, 1.0))
-  return dice_val.astype(jnp.float32), iou_val.astype(jnp.float32)
 
 
 # Kept importable under this name for callers that think of it as "the surface module".

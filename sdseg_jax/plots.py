@@ -24,6 +24,7 @@ from etils import epath
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from sdseg_jax import errors
 from sdseg_jax import storage
 
 PathLike = storage.PathLike
@@ -121,7 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = storage.path(args.out) if args.out else workdir / "curves.png"
     storage.check_bucket(workdir, write=False)
     storage.check_bucket(out.parent, write=True)
-  except storage.StorageError as e:
+  except errors.UserFacingError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   source = workdir / "metrics.jsonl"

@@ -35,13 +35,14 @@ import io
 import json
 import pathlib
 import sys
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from etils import epath
 import jax
 import numpy as np
 from PIL import Image
 
+from sdseg_jax import errors
 from sdseg_jax import inference
 from sdseg_jax import mask_io
 from sdseg_jax import restore
@@ -56,7 +57,7 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 TTA_CHOICES = ("none", "flip")
 
 
-class PredictError(ValueError):
+class PredictError(errors.UserFacingError, ValueError):
   """An input cannot be predicted (missing, unreadable, unsupported); the message names it."""
 
 
@@ -176,9 +177,9 @@ class Predictor:
 
   def __init__(self, run: restore.Run, batch_size: int = 8, tta: str = "none", seed: int = 0):
     if tta not in TTA_CHOICES:
-      raise ValueError(f"--tta must be one of {TTA_CHOICES}, got {tta!r}")
+      raise PredictError(f"--tta must be one of {TTA_CHOICES}, got {tta!r}")
     if batch_size <= 0:
-      raise ValueError(f"--batch-size must be positive, got {batch_size}")
+      raise PredictError(f"--batch-size must be positive, got {batch_size}")
     devices = jax.local_device_count()
     self.batch_size = -(-int(batch_size) // devices) * devices
     self.run = run
@@ -354,7 +355,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     manifest = predict(run, inputs, output, batch_size=args.batch_size,
                        tta=args.tta, seed=args.seed, threshold=args.threshold,
                        progress=not args.no_progress)
-  except (PredictError, restore.RestoreError, ValueError) as e:
+  except errors.UserFacingError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"wrote {len(manifest['outputs'])} predictions to {args.output}")

@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 
 from sdseg_jax import checkpoint as checkpoint_lib
 from sdseg_jax import config_lib
+from sdseg_jax import errors
 from sdseg_jax import multiclass
 from sdseg_jax import sharding as sharding_lib
 from sdseg_jax import state as state_lib
@@ -41,7 +42,7 @@ BEST_METRIC = "eval/dice"  # what train.py ranks checkpoints by
 CHECKPOINT_CHOICES = "best | last | STEP | export"
 
 
-class RestoreError(ValueError):
+class RestoreError(errors.UserFacingError, ValueError):
   """A run directory, checkpoint or weights file cannot be used; the message says which."""
 
 
@@ -99,11 +100,8 @@ def inference_mesh() -> jax.sharding.Mesh:
 
 
 def _sha256(path: epath.Path) -> str:
-  digest = hashlib.sha256()
-  with path.open("rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
+  with path.open("rb") as f:  # local or gs:// (a buffered reader either way)
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def vae_path(config: ml_collections.ConfigDict, workdir: epath.Path) -> epath.Path:

@@ -18,6 +18,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from sdseg_jax import errors
 from sdseg_jax import state as state_lib
 
 AXES = ("data", "fsdp")
@@ -30,16 +31,17 @@ def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple:
   """Resolves one -1 entry so that data * fsdp == num_devices; errors name the numbers."""
   shape = [data, fsdp]
   if shape.count(-1) > 1:
-    raise ValueError("at most one of config.mesh.data / config.mesh.fsdp may be -1")
+    raise errors.ConfigError("at most one of config.mesh.data / config.mesh.fsdp may be -1")
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if num_devices % known:
-      raise ValueError(f"{num_devices} devices cannot be split into a mesh with "
-                       f"data={data}, fsdp={fsdp}")
+      raise errors.ConfigError(f"{num_devices} devices cannot be split into a mesh with "
+                               f"data={data}, fsdp={fsdp}")
     shape[shape.index(-1)] = num_devices // known
   if math.prod(shape) != num_devices:
-    raise ValueError(f"mesh data={shape[0]} x fsdp={shape[1]} needs {math.prod(shape)} devices, "
-                     f"but {num_devices} are available")
+    raise errors.ConfigError(
+        f"mesh data={shape[0]} x fsdp={shape[1]} needs {math.prod(shape)} devices, "
+        f"but {num_devices} are available")
   return tuple(shape)
 
 
@@ -77,7 +79,7 @@ def _fsdp_spec(shape: Sequence[int], fsdp_size: int) -> P:
 def param_shardings(abstract_tree: Any, mesh: Mesh, strategy: str) -> Any:
   """NamedSharding for every leaf of an abstract parameter (or optimizer-state) tree."""
   if strategy not in ("dp", "fsdp"):
-    raise ValueError(f"unknown config.mesh.strategy {strategy!r}; expected 'dp' or 'fsdp'")
+    raise errors.ConfigError(f"unknown config.mesh.strategy {strategy!r}; expected 'dp' or 'fsdp'")
   fsdp_size = mesh.shape["fsdp"] if strategy == "fsdp" else 1
   return jax.tree_util.tree_map(
       lambda x: NamedSharding(mesh, _fsdp_spec(x.shape, fsdp_size)), abstract_tree)
@@ -85,8 +87,9 @@ def param_shardings(abstract_tree: Any, mesh: Mesh, strategy: str) -> Any:
 
 def global_batch_size_check(global_batch_size: int, mesh: Mesh) -> None:
   if global_batch_size % (mesh.size) or global_batch_size % jax.process_count():
-    raise ValueError(f"global batch size {global_batch_size} must be divisible by the number "
-                     f"of devices ({mesh.size}) and processes ({jax.process_count()})")
+    raise errors.ConfigError(
+        f"global batch size {global_batch_size} must be divisible by the number "
+        f"of devices ({mesh.size}) and processes ({jax.process_count()})")
 
 
 def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:

@@ -42,6 +42,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from PIL import Image
 
+from sdseg_jax import errors
 from sdseg_jax import evaluate as evaluate_lib
 from sdseg_jax import evaluator as evaluator_lib
 from sdseg_jax import image_similarity
@@ -119,7 +120,7 @@ def stability(run: restore.Run, split: str = "test", seeds: Sequence[int] = tupl
   """Runs the protocol; returns the JSON summary (see module docstring)."""
   seeds = [int(s) for s in seeds]
   if len(seeds) < 2:
-    raise ValueError(f"the stability protocol needs at least 2 runs, got seeds {seeds}")
+    raise errors.ConfigError(f"the stability protocol needs at least 2 runs, got seeds {seeds}")
   convention = empty_convention or run.config.eval.get("empty_convention", "official")
   m = len(seeds)
   default_b = max(1, run.config.eval.batch_size // m)
@@ -248,7 +249,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run = restore.load_run(args.workdir, args.checkpoint)
     result = stability(run, args.split, seeds, batch_size=args.batch_size,
                        uncertainty_dir=args.uncertainty_dir)
-  except (restore.RestoreError, ValueError) as e:
+  except errors.UserFacingError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   path = storage.path(args.json) if args.json else (

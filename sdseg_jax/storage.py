@@ -31,6 +31,8 @@ from typing import Union
 
 from etils import epath
 
+from sdseg_jax import errors
+
 PathLike = Union[str, os.PathLike]
 
 _SCHEME = "gs"
@@ -41,7 +43,7 @@ _URL_PREFIX = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 
 
-class StorageError(ValueError):
+class StorageError(errors.UserFacingError, ValueError):
   """A path is malformed, or its bucket is missing, unreachable or not writable."""
 
 

@@ -261,8 +261,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   last_eval: Dict[str, Any] = {}
   start_step = int(state.step)
   tick, tick_step = time.perf_counter(), start_step
-  with _StopRequest() as stop, _finish_saves_on_error(ckpt):
+  profile = logging_lib.ProfileWindow(workdir, config.log.profile_start_step,
+                                      config.log.profile_steps)
+  with _StopRequest() as stop, _finish_saves_on_error(ckpt), profile:
     for step in range(start_step, config.train.max_steps):
+      profile.before_step(step, state)
       batch = first_batch if first_batch is not None else next(train_iter)
       first_batch = None
       batch = sharding_lib.host_batch_to_global(batch, mesh)

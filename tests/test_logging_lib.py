@@ -63,3 +63,46 @@ def test_appends_across_restarts_and_tensorboard_is_optional(tmp_path):
   steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert steps == [1, 2]  # a resumed run continues the file
   assert not (tmp_path / "tensorboard").exists()
+
+
+def _traces(workdir):
+  return sorted((workdir / "profile" / "plugins" / "profile").glob("*/*.xplane.pb"))
+
+
+def test_profile_window_traces_only_its_steps(tmp_path, monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(jax.profiler, "start_trace", lambda d: calls.append(("start", d)))
+  monkeypatch.setattr(jax.profiler, "stop_trace", lambda: calls.append(("stop",)))
+  with logging_lib.ProfileWindow(tmp_path, 2, 3) as window:  # steps 2, 3 and 4
+    for step in range(8):
+      window.before_step(step, np.zeros(()))
+      calls.append(step)
+  assert calls == [0, 1, ("start", str(tmp_path / "profile")), 2, 3, 4, ("stop",), 5, 6, 7]
+  calls.clear()
+  with logging_lib.ProfileWindow(tmp_path, 2, 3) as window:  # resumed at step 3, ends at 4
+    for step in range(3, 5):
+      window.before_step(step, np.zeros(()))
+  assert calls == [("start", str(tmp_path / "profile")), ("stop",)]
+  calls.clear()
+  with logging_lib.ProfileWindow(tmp_path, -1, 5) as window:  # off
+    for step in range(4):
+      window.before_step(step, np.zeros(()))
+  assert not calls
+
+
+def test_profile_window_writes_a_trace(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  step_fn = jax.jit(lambda x: x @ x + 1.0)
+  state = jax.numpy.eye(64)
+  with logging_lib.ProfileWindow(tmp_path, 1, 1) as window:
+    for step in range(3):
+      window.before_step(step, state)
+      state = step_fn(state)
+  assert len(_traces(tmp_path)) == 1
+
+
+def test_training_writes_the_configured_trace():
+  # The shared tiny run (tests/trained_run.py) traces its step 1 (config.log.profile_*).
+  from tests import trained_run  # pylint: disable=g-import-not-at-top
+  assert len(_traces(trained_run.workdir())) == 1

@@ -3,7 +3,6 @@
 import itertools
 import math
 
-import jax
 import numpy as np
 import pytest
 
@@ -89,24 +88,6 @@ def test_dice_rejects_bad_input():
     metrics.dice(np.zeros((3, 3)), np.zeros((3, 4)))
   with pytest.raises(ValueError, match="empty_convention"):
     metrics.dice(np.zeros(3), np.zeros(3), "nope")
-
-
-@pytest.mark.parametrize("convention", metrics.EMPTY_CONVENTIONS)
-def test_dice_iou_batch_matches_numpy(convention):
-  rng = np.random.default_rng(0)
-  pred = rng.random((12, 9, 7)) > 0.6
-  gt = rng.random((12, 9, 7)) > 0.5
-  pred[0] = False
-  gt[0] = False  # both empty
-  pred[1] = False  # pred empty only
-  gt[2] = False  # gt empty only
-  pred[3] = gt[3]  # identical
-  fn = jax.jit(lambda p, g: metrics.dice_iou_batch(p, g, convention))
-  dice_b, iou_b = jax.device_get(fn(pred, gt))
-  assert dice_b.shape == iou_b.shape == (12,)
-  for i in range(12):
-    assert dice_b[i] == pytest.approx(metrics.dice(pred[i], gt[i], convention), abs=1e-6)
-    assert iou_b[i] == pytest.approx(metrics.iou(pred[i], gt[i], convention), abs=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------

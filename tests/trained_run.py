@@ -91,4 +91,5 @@ def workdir() -> pathlib.Path:
   config = tiny_config()
   config.init.vae = str(random_vae(root / "random_vae.npz", config))
   config.init.pretrain_vae_steps = 0
+  config.log.profile_start_step, config.log.profile_steps = 1, 1  # test_logging_lib reads it
   return train(root / "run", config)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from sdseg_jax import errors
 from sdseg_jax import optim
 from sdseg_jax import sharding as sharding_lib
 from sdseg_jax import state as state_lib
@@ -120,7 +121,7 @@ def map_microbatches(fn: Callable[..., jax.Array], microbatch: int,
   if not microbatch or microbatch >= batch:
     return fn(*batched)
   if batch % microbatch:
-    raise ValueError(f"batch {batch} is not a multiple of microbatch {microbatch}")
+    raise errors.ConfigError(f"--batch {batch} is not a multiple of --microbatch {microbatch}")
   chunks = [x.reshape(batch // microbatch, microbatch, *x.shape[1:]) for x in batched]
   out = jax.lax.map(lambda xs: fn(*xs), tuple(chunks))
   return out.reshape(batch, *out.shape[2:])

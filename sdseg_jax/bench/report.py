@@ -149,7 +149,8 @@ def _ratios(jax_results, torch_results) -> List[Dict[str, Any]]:
       if (t["suite"], t["batch"]) == (j["suite"], j["batch"]):
         out.append({"suite": j["suite"], "batch": j["batch"], "jax_dtype": j["dtype"],
                     "jax_microbatch": j.get("microbatch"),
-                    "torch_dtype": t["dtype"], "same_dtype": torch_lib.TORCH_NAME[j["dtype"]] == t["dtype"],
+                    "torch_dtype": t["dtype"],
+                    "same_dtype": torch_lib.TORCH_NAME[j["dtype"]] == t["dtype"],
                     "ratio": j["images_per_s"] / t["images_per_s"]})
   return out
 

@@ -1,4 +1,4 @@
-"""The PyTorch baseline as the benchmark runs it: `sdseg_jax.benchmark_torch`, built once per process.
+"""The PyTorch baseline as the benchmark runs it: `sdseg_jax.benchmark_torch`, built once.
 
 torch and diffusers are optional (requirements-bench.txt): they are imported when a baseline is
 asked for, never by the JAX side.

@@ -23,13 +23,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from sdseg_jax import errors
+
 Record = dict[str, Any]
 
 # Mask binarisation threshold of the official SDSeg loaders (`mask > 128`).
 MASK_THRESHOLD = 128
 
 
-class DataError(ValueError):
+class DataError(errors.UserFacingError, ValueError):
   """A dataset on disk does not match what a source expects; the message names the files."""
 
 
@@ -66,12 +68,6 @@ def read_rgb(path: str | pathlib.Path) -> np.ndarray:
   if arr.ndim == 2:
     arr = np.repeat(arr[..., None], 3, axis=-1)
   return np.ascontiguousarray(arr[..., :3])
-
-
-def read_gray(path: str | pathlib.Path) -> np.ndarray:
-  """Reads a mask image as uint8 (H, W): first channel of RGB masks (they are grey anyway)."""
-  arr = read_array(path)
-  return arr if arr.ndim == 2 else np.ascontiguousarray(arr[..., 0])
 
 
 def threshold_mask(gray: np.ndarray, threshold: int = MASK_THRESHOLD) -> np.ndarray:

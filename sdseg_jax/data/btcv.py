@@ -32,6 +32,7 @@ import pathlib
 
 import numpy as np
 
+from sdseg_jax import errors
 from sdseg_jax.data import splits as splits_lib, volumes
 
 TEST_IDS = ("0001", "0002", "0003", "0004", "0008", "0022", "0025", "0029", "0032", "0035",
@@ -46,7 +47,7 @@ def map_labels(label: np.ndarray, scheme: str) -> np.ndarray:
   """Raw BTCV labels -> uint8 label map of the chosen class set."""
   raw = np.rint(label).astype(np.int64)
   if raw.min() < 0 or raw.max() >= NUM_RAW_LABELS:
-    raise ValueError(f"BTCV labels must lie in [0, 13], got [{raw.min()}, {raw.max()}]")
+    raise volumes.DataError(f"BTCV labels must lie in [0, 13], got [{raw.min()}, {raw.max()}]")
   if scheme == "all13":
     return raw.astype(np.uint8)
   if scheme == "synapse8":
@@ -54,7 +55,7 @@ def map_labels(label: np.ndarray, scheme: str) -> np.ndarray:
     for src, dst in SYNAPSE8.items():
       lut[src] = dst
     return lut[raw]
-  raise ValueError(f"unknown BTCV label scheme {scheme!r} (synapse8 | all13)")
+  raise errors.ConfigError(f"unknown BTCV label scheme {scheme!r} (synapse8 | all13)")
 
 
 def find_cases(root: pathlib.Path) -> tuple[dict[str, volumes.Case], list[str], list[str]]:
@@ -88,7 +89,7 @@ def find_cases(root: pathlib.Path) -> tuple[dict[str, volumes.Case], list[str], 
 def propose_split(data_config, names: list[str] | None = None) -> dict[str, list[str]]:
   del names  # fixed published volume lists
   if data_config.split != "transunet":
-    raise ValueError(f"unknown BTCV split scheme {data_config.split!r} (transunet)")
+    raise errors.ConfigError(f"unknown BTCV split scheme {data_config.split!r} (transunet)")
   out = splits_lib.seeded_partition([f"case{i}" for i in TRAIN_IDS],
                                     {"val": int(data_config.val_size)},
                                     int(data_config.split_seed))

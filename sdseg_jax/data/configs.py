@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from sdseg_jax import errors
+
 
 def _common(name: str, root: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -66,5 +68,5 @@ def get_data_config(name: str, root: str = "") -> ml_collections.ConfigDict:
   elif name == "synthetic":
     pass
   else:
-    raise ValueError(f"unknown dataset {name!r}")
+    raise errors.ConfigError(f"unknown dataset {name!r}")
   return c

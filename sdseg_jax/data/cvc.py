@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import pathlib
 
+from sdseg_jax import errors
 from sdseg_jax.data import base, splits as splits_lib
 
 EXTS = (".tif", ".tiff", ".png", ".bmp", ".jpg")
@@ -60,7 +61,7 @@ def propose_split(data_config, names: list[str]) -> dict[str, list[str]]:
     cut_test, cut_val = len(ordered) - test, len(ordered) - test - val
     return {"train": ordered[:cut_val], "val": ordered[cut_val:cut_test],
             "test": ordered[cut_test:]}
-  raise ValueError(f"unknown CVC-ClinicDB split scheme {scheme!r} (sdseg | frames)")
+  raise errors.ConfigError(f"unknown CVC-ClinicDB split scheme {scheme!r} (sdseg | frames)")
 
 
 def make_source(data_config, split: str, split_dir: pathlib.Path) -> base.PairedImageSource:

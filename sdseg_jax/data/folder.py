@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 
+from sdseg_jax import errors
 from sdseg_jax import storage
 from sdseg_jax.data.base import DataError
 
@@ -49,7 +50,7 @@ def make_source(data_config, split: str, split_dir: storage.PathLike):
   """Source reading the dataset's own folder layout (never TFDS)."""
   name = data_config.name
   if name not in NAMES:
-    raise ValueError(f"unknown dataset {name!r}; expected one of {NAMES}")
+    raise errors.ConfigError(f"unknown dataset {name!r}; expected one of {NAMES}")
   if name == "synthetic":
     from sdseg_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     return synthetic.make_source(data_config, split)

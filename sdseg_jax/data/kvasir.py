@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pathlib
 
+from sdseg_jax import errors
 from sdseg_jax.data import base, splits as splits_lib
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
@@ -45,7 +46,7 @@ def propose_split(data_config, names: list[str]) -> dict[str, list[str]]:
     out = splits_lib.seeded_partition(train, {"val": int(data_config.val_size)}, seed)
     out["test"] = test
     return out
-  raise ValueError(f"unknown Kvasir-SEG split scheme {scheme!r} (sdseg | medico2020)")
+  raise errors.ConfigError(f"unknown Kvasir-SEG split scheme {scheme!r} (sdseg | medico2020)")
 
 
 def make_source(data_config, split: str, split_dir: pathlib.Path) -> base.PairedImageSource:

@@ -23,8 +23,10 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
+from sdseg_jax import errors
 from sdseg_jax import storage
 from sdseg_jax.data import registry, transforms
+from sdseg_jax.data.base import DataError
 
 Batch = dict[str, np.ndarray]
 
@@ -59,14 +61,14 @@ def make_train_loader(data_config, *, split_dir: storage.PathLike, global_batch_
   per element (`transforms.ClassTarget`) and the batch also carries "class_id" int32 (b,).
   """
   if global_batch_size % process_count:
-    raise ValueError(f"global batch {global_batch_size} is not divisible by "
-                     f"{process_count} processes")
+    raise errors.ConfigError(f"global batch {global_batch_size} is not divisible by "
+                             f"{process_count} processes")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
   local_batch = global_batch_size // process_count
   source = registry.make_source(data_config, "train", split_dir)
   if len(source) < process_count:
-    raise ValueError(f"train split has {len(source)} samples for {process_count} processes")
+    raise DataError(f"train split has {len(source)} samples for {process_count} processes")
 
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
   ds = ds.map(_preprocess(data_config, train=True, keep_label=num_classes is not None))
@@ -76,7 +78,7 @@ def make_train_loader(data_config, *, split_dir: storage.PathLike, global_batch_
   flip_prob = float(data_config.get("flip_prob", 0.5))
   flips = data_config.get("flips", "hv")
   if flips not in ("hv", "h", "none"):
-    raise ValueError(f"data.flips must be hv | h | none, got {flips!r}")
+    raise errors.ConfigError(f"data.flips must be hv | h | none, got {flips!r}")
   if flip_prob > 0 and flips != "none":
     # A different stream than the shuffle's: seed + 1 (both derive from the run seed).
     ds = ds.random_map(transforms.RandomFlips(flip_prob, vertical=flips == "hv"), seed=seed + 1)
@@ -105,7 +107,7 @@ def restore_train_state(iterator: grain.DatasetIterator, state: Any, source: str
   try:
     iterator.set_state(state)
   except (KeyError, ValueError, TypeError, IndexError) as e:
-    raise ValueError(
+    raise DataError(
         f"{source}: the saved data-iterator state does not fit this data pipeline "
         f"({type(e).__name__}: {e}). It was written with other data settings, most likely a "
         "different config.data.worker_count (0 vs > 0); resume with the run's original data "

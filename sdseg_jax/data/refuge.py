@@ -30,6 +30,7 @@ import pathlib
 
 import numpy as np
 
+from sdseg_jax import errors
 from sdseg_jax.data import base, splits as splits_lib
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif")
@@ -89,7 +90,7 @@ def find_pairs(root: pathlib.Path, layout: str = "auto"):
     if not found[0] and not found[1]:
       raise base.DataError(f"no REFUGE images found under {root} (official or cropped layout)")
     return found
-  raise ValueError(f"unknown REFUGE layout {layout!r} (auto | official | cropped)")
+  raise errors.ConfigError(f"unknown REFUGE layout {layout!r} (auto | official | cropped)")
 
 
 def _group(name: str) -> str:
@@ -107,7 +108,7 @@ def propose_split(data_config, names: list[str]) -> dict[str, list[str]]:
                                       int(data_config.split_seed))
     out["test"] = groups["test"]
     return out
-  raise ValueError(f"unknown REFUGE split scheme {data_config.split!r} (challenge | sdseg)")
+  raise errors.ConfigError(f"unknown REFUGE split scheme {data_config.split!r} (challenge | sdseg)")
 
 
 def make_source(data_config, split: str, split_dir: pathlib.Path) -> base.PairedImageSource:

@@ -9,6 +9,7 @@ the zero-setup default); "tfds" reads the ArrayRecord files built by
 
 from __future__ import annotations
 
+from sdseg_jax import errors
 from sdseg_jax import storage
 from sdseg_jax.data import folder
 from sdseg_jax.data.splits import SPLITS
@@ -22,11 +23,11 @@ check_location = folder.check_location
 def make_source(data_config, split: str, split_dir: storage.PathLike):
   """Random-access source of raw records (see `base.py`) for `split` in train/val/test."""
   if split not in SPLITS:
-    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    raise errors.ConfigError(f"unknown split {split!r}; expected one of {SPLITS}")
   fmt = data_config.get("format", "folder")
   if fmt == "folder" or data_config.name == "synthetic":
     return folder.make_source(data_config, split, split_dir)
   if fmt == "tfds":
     from sdseg_jax.data import tfds_build  # pylint: disable=g-import-not-at-top
     return tfds_build.make_source(data_config, split, storage.path(split_dir))
-  raise ValueError(f"unknown data format {fmt!r} (folder | tfds)")
+  raise errors.ConfigError(f"unknown data format {fmt!r} (folder | tfds)")

@@ -26,6 +26,7 @@ import pathlib
 import numpy as np
 from scipy import ndimage
 
+from sdseg_jax import errors
 from sdseg_jax.data import splits as splits_lib, volumes
 
 TRAIN_IDS = tuple(f"Teeth_{i:04d}_0000" for i in range(1, 10))
@@ -62,7 +63,7 @@ def find_cases(root: pathlib.Path) -> tuple[dict[str, volumes.Case], list[str], 
 def propose_split(data_config, names: list[str] | None = None) -> dict[str, list[str]]:
   del names  # fixed published volume lists
   if data_config.split != "sdseg":
-    raise ValueError(f"unknown STS-3D split scheme {data_config.split!r} (sdseg)")
+    raise errors.ConfigError(f"unknown STS-3D split scheme {data_config.split!r} (sdseg)")
   out = splits_lib.seeded_partition(list(TRAIN_IDS), {"val": int(data_config.val_size)},
                                     int(data_config.split_seed))
   out["test"] = list(TEST_IDS)

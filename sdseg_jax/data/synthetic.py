@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from sdseg_jax import errors
+
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
 
@@ -77,7 +79,7 @@ class SyntheticSource:
 
   def __init__(self, split: str, num_examples: int, size: int, seed: int):
     if split not in _SPLIT_IDS:
-      raise ValueError(f"unknown split {split!r}")
+      raise errors.ConfigError(f"unknown split {split!r}")
     self.split, self.num_examples, self.size, self.seed = split, num_examples, size, seed
 
   def __len__(self) -> int:

@@ -38,6 +38,7 @@ import uuid
 import numpy as np
 from PIL import Image
 
+from sdseg_jax import errors
 from sdseg_jax import storage
 from sdseg_jax.data import base, configs, folder, splits as splits_lib
 
@@ -108,7 +109,7 @@ _BUILDERS: dict = {}
 def _builder(data_config, split_dir: pathlib.Path | None):
   tfds = _tfds()
   if not data_config.get("tfds_data_dir"):
-    raise ValueError("format='tfds' needs data_config.tfds_data_dir")
+    raise errors.ConfigError("format='tfds' needs data_config.tfds_data_dir")
   cls = _builder_class(data_config.name)
   return cls(data_config=data_config, split_dir=split_dir, data_dir=data_config.tfds_data_dir,
              config=tfds.core.BuilderConfig(name=config_key(data_config)),

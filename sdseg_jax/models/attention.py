@@ -11,6 +11,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from sdseg_jax import errors
+
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *,
            implementation: Optional[str] = None) -> jax.Array:
@@ -20,8 +22,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *,
   product; the difference is float32 round-off.
   """
   if implementation not in (None, "xla", "cudnn"):
-    raise ValueError(f"unknown attention implementation {implementation!r}; "
-                     "expected None, 'xla' or 'cudnn'")
+    raise errors.ConfigError(f"unknown attention implementation {implementation!r}; "
+                             "expected None, 'xla' or 'cudnn'")
   if implementation == "cudnn" and q.dtype == jnp.float32:
     implementation = "xla"  # cuDNN's fused kernel needs 16-bit inputs.
   return jax.nn.dot_product_attention(q, k, v, implementation=implementation)

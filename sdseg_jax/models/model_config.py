@@ -8,6 +8,8 @@ from typing import Any, Dict, Mapping, Optional
 
 import ml_collections
 
+from sdseg_jax import errors
+
 # Official SDSeg sizes: configs/SDSeg/*.yaml (kl-f8 first stage, LSUN-Churches-sized UNet).
 _KL_F8_DDCONFIG = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3,
                        ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[],
@@ -62,6 +64,6 @@ def _merge(defaults: Dict[str, Any], given: Optional[Mapping[str, Any]],
   merged = dict(defaults)
   for key, value in (given or {}).items():
     if key not in defaults:
-      raise ValueError(f"unknown {what} field {key!r}; known fields: {sorted(defaults)}")
+      raise errors.ConfigError(f"unknown {what} field {key!r}; known fields: {sorted(defaults)}")
     merged[key] = list(value) if isinstance(value, (list, tuple)) else value
   return merged

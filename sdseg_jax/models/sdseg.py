@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from sdseg_jax import diffusion
+from sdseg_jax import errors
 from sdseg_jax.models import unet as unet_lib
 from sdseg_jax.models import vae as vae_lib
 from sdseg_jax.models import vision_encoder as vision_encoder_lib
@@ -124,8 +125,8 @@ def resolve_compute_dtype(name: str, backend: Optional[str] = None) -> str:
   """
   if name != "auto":
     if name not in _DTYPES:
-      raise ValueError(f"unknown compute_dtype {name!r}; expected 'auto' or one of "
-                       f"{sorted(_DTYPES)}")
+      raise errors.ConfigError(f"unknown compute_dtype {name!r}; expected 'auto' or one of "
+                               f"{sorted(_DTYPES)}")
     return name
   backend = backend or jax.default_backend()
   return "bfloat16" if backend in ("gpu", "cuda", "rocm", "tpu") else "float32"
@@ -139,8 +140,9 @@ def build(model_config: ml_collections.ConfigDict) -> SDSeg:
   common = dict(dtype=dtype, precision=precision, attention_impl=attention_impl)
   vae_cfg, enc_cfg, unet_cfg = model_config.vae, model_config.vision_encoder, model_config.unet
   if unet_cfg.get("use_spatial_transformer", False):
-    raise ValueError("model.unet.use_spatial_transformer=True (cross-attention) is not part of "
-                     "SDSeg, which conditions by concatenation; set it to False")
+    raise errors.ConfigError(
+        "model.unet.use_spatial_transformer=True (cross-attention) is not part of "
+        "SDSeg, which conditions by concatenation; set it to False")
   vae = vae_lib.AutoencoderKL(**_ddconfig(vae_cfg), in_channels=vae_cfg.in_channels,
                               out_ch=vae_cfg.out_ch, embed_dim=vae_cfg.embed_dim, **common)
   enc_dd = _ddconfig(vae_cfg)
@@ -163,8 +165,9 @@ def build(model_config: ml_collections.ConfigDict) -> SDSeg:
                                      model_config.schedule.linear_start,
                                      model_config.schedule.linear_end)
   if unet.in_channels != vae.embed_dim + vision_encoder.embed_dim:
-    raise ValueError(f"model.unet.in_channels={unet.in_channels} must equal the mask latent "
-                     f"channels ({vae.embed_dim}) + condition channels "
-                     f"({vision_encoder.embed_dim})")
+    raise errors.ConfigError(
+        f"model.unet.in_channels={unet.in_channels} must equal the mask latent "
+        f"channels ({vae.embed_dim}) + condition channels "
+        f"({vision_encoder.embed_dim})")
   return SDSeg(vae=vae, vision_encoder=vision_encoder, unet=unet, schedule=schedule,
                image_size=vae_cfg.resolution)

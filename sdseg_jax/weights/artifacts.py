@@ -10,43 +10,22 @@ import json
 import os
 from typing import Any, Dict, Mapping, Tuple
 
-import jax
+from flax import traverse_util
 import numpy as np
 
+from sdseg_jax import errors
 from sdseg_jax import storage
 
 _META_KEY = "__meta__"
 
 
-class ArtifactError(ValueError):
+class ArtifactError(errors.UserFacingError, ValueError):
   """A converted-weights file is missing, corrupt or does not fit the configured model."""
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, np.ndarray]:
-  flat = {}
-  for name, value in tree.items():
-    path = f"{prefix}/{name}" if prefix else name
-    if isinstance(value, Mapping):
-      flat.update(_flatten(value, path))
-    else:
-      flat[path] = np.asarray(value)
-  return flat
-
-
-def _unflatten(flat: Mapping[str, np.ndarray]) -> Dict[str, Any]:
-  tree: Dict[str, Any] = {}
-  for path, value in flat.items():
-    node = tree
-    *parents, leaf = path.split("/")
-    for name in parents:
-      node = node.setdefault(name, {})
-    node[leaf] = value
-  return tree
 
 
 def save(path: os.PathLike, tree: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
   """Writes `tree` (nested dicts of arrays) and `meta` (JSON-serialisable) atomically."""
-  arrays = _flatten(tree)
+  arrays = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
   arrays[_META_KEY] = np.frombuffer(json.dumps(dict(meta)).encode(), np.uint8)
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
@@ -66,16 +45,13 @@ def load(path: os.PathLike) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   if _META_KEY not in flat:
     raise ArtifactError(f"{path}: no metadata; not written by sdseg_jax.convert")
   meta = json.loads(flat.pop(_META_KEY).tobytes().decode())
-  return _unflatten(flat), meta
+  return traverse_util.unflatten_dict(flat, sep="/"), meta
 
 
 def check_fits(tree: Any, abstract: Any, what: str, path: os.PathLike) -> None:
   """Raises ArtifactError unless `tree` has exactly the structure and shapes of `abstract`."""
-  got = {k: v.shape for k, v in _flatten(tree).items()}
-  # Zero-copy arrays of the wanted shapes: `_flatten` goes through np.asarray, which would turn
-  # a jax.ShapeDtypeStruct (what callers pass from jax.eval_shape) into a 0-d object array.
-  want = {k: tuple(v.shape) for k, v in _flatten(jax.tree_util.tree_map(
-      lambda x: np.broadcast_to(np.float32(0), np.shape(x)), abstract)).items()}
+  got = {k: np.shape(v) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+  want = {k: tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(abstract, sep="/").items()}
   missing = sorted(set(want) - set(got))
   unexpected = sorted(set(got) - set(want))
   wrong = sorted(k for k in set(want) & set(got) if tuple(got[k]) != want[k])

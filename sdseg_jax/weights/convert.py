@@ -23,8 +23,10 @@ Supported sources (see `convert_checkpoint`):
 import dataclasses
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-import jax
+from flax import traverse_util
 import numpy as np
+
+from sdseg_jax import errors
 
 Tree = Dict[str, Any]
 
@@ -39,7 +41,7 @@ _SCHEDULE_BUFFERS = (
     "posterior_mean_coef1", "posterior_mean_coef2", "logvar")
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.UserFacingError, ValueError):
   """A checkpoint does not fit the configured architecture (missing/unexpected/shape)."""
 
 
@@ -72,26 +74,6 @@ def torch_key_to_path(key: str) -> Tuple[Tuple[str, ...], str]:
   return tuple(parts[:-1]), parts[-1]
 
 
-def _flatten(tree: Mapping[str, Any], prefix: Tuple[str, ...] = ()) -> Dict[Tuple[str, ...], Any]:
-  flat = {}
-  for name, value in tree.items():
-    if isinstance(value, Mapping):
-      flat.update(_flatten(value, prefix + (name,)))
-    else:
-      flat[prefix + (name,)] = value
-  return flat
-
-
-def _unflatten(flat: Mapping[Tuple[str, ...], Any]) -> Tree:
-  tree: Tree = {}
-  for path, value in flat.items():
-    node = tree
-    for name in path[:-1]:
-      node = node.setdefault(name, {})
-    node[path[-1]] = value
-  return tree
-
-
 def _to_flax(array: np.ndarray, leaf: str) -> np.ndarray:
   """Re-lays out a PyTorch tensor for a Flax leaf of the given name."""
   if leaf != "kernel":
@@ -115,7 +97,7 @@ def map_module(state: Mapping[str, np.ndarray], prefix: str, target: Tree, what:
   target leaf are errors, and so is any target leaf left without a source tensor.
   """
   adapt = adapt or {}
-  flat_target = _flatten(target)
+  flat_target = traverse_util.flatten_dict(target)
   leaf_names = {}
   for path in flat_target:
     leaf_names.setdefault(path[:-1], set()).add(path[-1])
@@ -160,7 +142,7 @@ def map_module(state: Mapping[str, np.ndarray], prefix: str, target: Tree, what:
     raise ConversionError(
         f"{what}: {len(missing)} parameters of the configured model are missing from the "
         f"checkpoint under '{prefix}', e.g. {missing[:5]}")
-  return _unflatten(out)
+  return traverse_util.unflatten_dict(out)
 
 
 def widen_input_channels(in_channels: int):
@@ -288,10 +270,3 @@ def convert_sdseg(state: Mapping[str, np.ndarray], unet_target: Tree, vision_tar
        for name in _SCHEDULE_BUFFERS])
   return {"unet": unet, "vision_encoder": vision, "vae": vae,
           "scale_factor": np.float32(scale_factor)}, report
-
-
-def abstract_shapes(tree: Any) -> Any:
-  """eval_shape output -> the same tree of ShapeDtypeStructs (accepts arrays too)."""
-  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-
-

@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from sdseg_jax import errors
 from sdseg_jax import storage
 from sdseg_jax.weights import artifacts
 
@@ -32,7 +33,7 @@ def missing_weights_message(path: str, what: str) -> str:
 def read(path: str, key: str, abstract: Any, what: str) -> Any:
   """Reads subtree `key` of an artifact and checks it against the abstract tree."""
   if not storage.path(path).is_file():
-    raise FileNotFoundError(missing_weights_message(path, what))
+    raise errors.MissingFileError(missing_weights_message(path, what))
   tree, meta = artifacts.load(path)
   if key not in tree:
     raise artifacts.ArtifactError(f"{path}: holds {sorted(tree)} (converted as "

@@ -32,13 +32,15 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from sdseg_jax import errors
+
 PathLike = str | os.PathLike[str]
 
 _LEGACY_ADVICE = ("legacy pre-1.6 torch.save files are not supported, re-save with "
                   "torch>=1.6")
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(errors.UserFacingError, ValueError):
   """A file is not a readable PyTorch zip checkpoint; the message names the file."""
 
 
