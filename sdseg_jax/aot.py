@@ -84,7 +84,7 @@ def chip_of(device: Any) -> compiled_cost.Chip:
   return compiled_cost.CHIPS[device.device_kind]
 
 
-# ---- what is compiled -----------------------------------------------------------------------------
+# ---- what is compiled ----------------------------------------------------------------------------
 def _with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
@@ -153,7 +153,7 @@ def compile_infer(program: Program) -> Any:
       jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)).compile()
 
 
-# ---- model FLOPs ----------------------------------------------------------------------------------
+# ---- model FLOPs ---------------------------------------------------------------------------------
 def model_flops_per_example(config: ml_collections.ConfigDict, suite: str) -> Dict[str, Any]:
   """Model FLOPs of one example: the analytic count for the official model, else XLA:CPU's
   count of the unpartitioned, unoptimised program at batch 1 (includes elementwise ops)."""
@@ -180,7 +180,7 @@ def model_flops_per_example(config: ml_collections.ConfigDict, suite: str) -> Di
           "source": "XLA:CPU count of the unpartitioned program at batch 1"}
 
 
-# ---- the command ----------------------------------------------------------------------------------
+# ---- the command ---------------------------------------------------------------------------------
 def run(config: ml_collections.ConfigDict, topology: str, suites: Sequence[str],
         on_suite: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
   """Compiles `suites` for `topology` and returns the JSON-ready report.
@@ -277,7 +277,8 @@ def main(argv) -> None:
     peak = report[suite]["peak_bytes_per_chip"]
     peak_text = "unknown" if peak is None else f"{peak / compiled_cost.GIB:.2f} GiB"
     print(f"error: {suite} does not fit: peak {peak_text} per chip > "
-          f"{compiled_cost.FIT_FRACTION} x {hbm / compiled_cost.GIB:.1f} GiB HBM of {report['device_kind']}", file=sys.stderr)
+          f"{compiled_cost.FIT_FRACTION} x {hbm / compiled_cost.GIB:.1f} GiB HBM of "
+          f"{report['device_kind']}", file=sys.stderr)
   if failed:
     sys.exit(1)
 

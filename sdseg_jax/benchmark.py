@@ -42,13 +42,21 @@ import ml_collections
 
 from sdseg_jax import errors
 from sdseg_jax.bench import report as report_lib
+
 # The benchmark's building blocks under their historical names (benchmark_profile, the tests
 # and users' notebooks call them as `benchmark.X`); they live in sdseg_jax.bench.
-from sdseg_jax.bench.jax_runners import JaxInference, JaxTrain, build_model
-from sdseg_jax.bench.jax_runners import map_microbatches, random_params
-from sdseg_jax.bench.jax_runners import resolve_microbatch, synthetic_batch
-from sdseg_jax.bench.machine import device_info, is_full_size, mfu
-from sdseg_jax.bench.report import format_table, run
+from sdseg_jax.bench.jax_runners import JaxInference
+from sdseg_jax.bench.jax_runners import JaxTrain
+from sdseg_jax.bench.jax_runners import build_model
+from sdseg_jax.bench.jax_runners import map_microbatches
+from sdseg_jax.bench.jax_runners import random_params
+from sdseg_jax.bench.jax_runners import resolve_microbatch
+from sdseg_jax.bench.jax_runners import synthetic_batch
+from sdseg_jax.bench.machine import device_info
+from sdseg_jax.bench.machine import is_full_size
+from sdseg_jax.bench.machine import mfu
+from sdseg_jax.bench.report import format_table
+from sdseg_jax.bench.report import run
 
 __all__ = ["DEFAULT_CONFIG", "JaxInference", "JaxTrain", "build_model", "device_info",
            "format_table", "is_full_size", "load_config", "main", "map_microbatches", "mfu",

@@ -12,7 +12,6 @@ from sdseg_jax import errors
 from sdseg_jax import storage
 from sdseg_jax.data import registry
 
-
 # Raised by `validate`; defined with the other user-facing errors so that low-level modules
 # (sharding, models) raise it without importing this module.
 ConfigError = errors.ConfigError

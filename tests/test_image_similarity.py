@@ -176,7 +176,8 @@ _BEFORE_SKIMAGE = {
 
 @pytest.mark.parametrize("name", sorted(_BEFORE_SKIMAGE))
 def test_real_images_keep_their_values(shared_data, name):
-  from PIL import Image, ImageFilter  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import ImageFilter  # pylint: disable=g-import-not-at-top
   root = shared_data / "Kvasir-SEG"
   mask = Image.open(root / "masks" / f"{name}.jpg").convert("L").resize((256, 256),
                                                                         Image.NEAREST)

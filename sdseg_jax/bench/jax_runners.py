@@ -27,6 +27,7 @@ from sdseg_jax import step as step_lib
 from sdseg_jax.bench import machine
 from sdseg_jax.models import sdseg
 
+
 def build_model(config: ml_collections.ConfigDict, dtype: str) -> Tuple[sdseg.SDSeg, str]:
   """The model of `config.model` with compute dtype `dtype` ("auto" resolved for this backend)."""
   model_cfg = ml_collections.ConfigDict(config.model.to_dict())

@@ -19,7 +19,7 @@ import ml_collections
 
 from sdseg_jax.models import model_config
 
-# Model FLOPs per image (docs/performance.md, "Model FLOPs"; measured on the official-size
+# Model FLOPs per image (docs/performance.md#model-flops, counted on the official-size
 # modules at 256x256; conv/matmul/attention at 2 FLOPs per multiply-add).
 INFER_FLOPS_PER_IMAGE = 936.8e9
 TRAIN_FLOPS_PER_EXAMPLE = 1216.0e9
@@ -106,7 +106,7 @@ def mfu(images_per_s: float, suite: str, dtype: str, info: Dict[str, Any],
   """Model FLOPs utilisation against the device peak for `dtype`.
 
   None where no peak is known, or for a model other than the full-size 256x256 one, whose
-  FLOP counts are the only ones measured (docs/performance.md).
+  FLOP counts are the only ones measured (docs/performance.md#model-flops).
   """
   peaks = info.get("peak_tflops")
   if not full_size or not peaks or dtype not in peaks:

@@ -19,6 +19,7 @@ from sdseg_jax.bench import jax_runners
 from sdseg_jax.bench import machine
 from sdseg_jax.bench import torch_runner as torch_lib
 
+
 def _merge_rounds(results: List[Dict[str, Any]]) -> Dict[str, Any]:
   """One entry from several rounds of the same (suite, batch, dtype): median over all times."""
   merged = dict(results[-1])

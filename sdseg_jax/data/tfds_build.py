@@ -40,7 +40,10 @@ from PIL import Image
 
 from sdseg_jax import errors
 from sdseg_jax import storage
-from sdseg_jax.data import base, configs, folder, splits as splits_lib
+from sdseg_jax.data import base
+from sdseg_jax.data import configs
+from sdseg_jax.data import folder
+from sdseg_jax.data import splits as splits_lib
 
 # The data fields that change the stored records (resizing, augmentation and IO fields do not).
 _KEY_FIELDS = ("name", "split", "split_seed", "val_size", "test_size", "layout", "labels",
