@@ -34,7 +34,8 @@ LSUN_CHURCHES_UNET_WEIGHTS = "weights/lsun_churches_unet.npz"
 VARIANTS = ("", "runlocal", "gpu8", "h100", "h200", "v5e8", "v5e32", "cpu_small")
 # Precision settings, added after a comma to any variant (`configs/kvasir.py:h100,paper`):
 #   "paper"  float32 convolutions and matmuls at full precision, as the official training
-#            (fp32; no bf16 passes on TPU, no TF32 on GPU). Slower: 2-8x on accelerators.
+#            (fp32; no bf16 passes on TPU, no TF32 on GPU). Several times slower on
+#            accelerators: fp32 matmuls run at a fraction of the bf16 rate.
 PRECISIONS = ("paper",)
 
 
@@ -249,6 +250,9 @@ def get_config() -> ml_collections.ConfigDict:
   # evaluation, reused for every image (the official `log_dice`; reproduction protocol
   # `official`).
   config.eval.noise = "per_image"
+  # Allow config.eval.split="test", i.e. the official code's model selection on the test split.
+  # Refused otherwise; set only by `sdseg_jax.reproduce --protocol official`.
+  config.eval.select_on_test = False
   # Number of image|truth|prediction|probability panels written as PNG at each evaluation.
   config.eval.num_panels = 4
   # Dice convention: "official" (both empty -> 0) or "both_empty_is_one".

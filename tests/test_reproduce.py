@@ -15,6 +15,7 @@ import scipy.stats
 
 from configs import base
 from configs import tiny
+from sdseg_jax import config_lib
 from sdseg_jax import evaluate
 from sdseg_jax import reproduce
 from sdseg_jax import stability
@@ -86,11 +87,28 @@ def test_report_equals_stability_on_the_same_checkpoints(study, tmp_path):
     assert row["gt_dice_mean"] == pytest.approx(alone["dice_across_runs"]["mean"], rel=1e-12)
 
 
-def test_rerun_with_another_protocol_is_refused(study):
-  workdir, _, _ = study
-  with pytest.raises(reproduce.ReproduceError, match="study.json.*protocol"):
-    reproduce.run(tiny.get_config(), str(workdir), num_seeds=2, protocol_name="official",
+def test_rerun_with_another_protocol_is_refused(tmp_path):
+  reproduce.check_study(tmp_path, {"protocol": "clean", "config": "configs/tiny.py",
+                                   "config_hash": "x"})
+  with pytest.raises(reproduce.ReproduceError, match="study.json.*protocol='clean'"):
+    reproduce.run(tiny.get_config(), str(tmp_path), num_seeds=2, protocol_name="official",
                   ddim_steps=[], stability_runs=0, config_name="configs/tiny.py")
+  assert not (tmp_path / "seed_23").exists()  # refused before any training
+
+
+def test_selection_on_test_only_under_the_official_protocol():
+  config = tiny.get_config()
+  with config.unlocked():
+    config.eval.split = "test"
+  with pytest.raises(config_lib.ConfigError, match="never see the test split"):
+    config_lib.validate(config)
+  with config.unlocked():
+    protocols.apply(config, "official")
+  config_lib.validate(config)
+  with config.unlocked():
+    config.eval.noise = "one"
+  with pytest.raises(config_lib.ConfigError, match="config.eval.noise"):
+    config_lib.validate(config)
 
 
 # ---- statistics ----------------------------------------------------------------------------------

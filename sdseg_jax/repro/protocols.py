@@ -64,6 +64,7 @@ def apply(config: ml_collections.ConfigDict, protocol: str) -> Dict[str, Any]:
   flaws: List[str] = []
   if protocol == "official":
     config.eval.split = "test"
+    config.eval.select_on_test = True
     config.eval.noise = "shared"
     if dataset == "refuge":
       config.data.split = "sdseg"
