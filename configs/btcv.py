@@ -12,4 +12,5 @@ from configs import base
 
 
 def get_config(variant: str = ""):
-  return base.benchmark_config("btcv", "data/BTCV", eval_every=5000, variant=variant)
+  return base.benchmark_config("btcv", "data/BTCV", eval_every=5000, variant=variant,
+                               train_steps=70_000)

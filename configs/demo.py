@@ -12,11 +12,12 @@ on the validation split). Rerun with a larger --config.train.max_steps to contin
 from configs import base
 
 
-def get_config():
+def get_config(variant: str = ""):
   config = base.get_config()
   base.use_small_model(config, size=64)
   config.data.synthetic.size = 64
   config.data.synthetic.num_train = 4096
   config.data.synthetic.num_val = 64
   config.log.every_steps = 50
+  base.apply_precision(config, base.settings_only(variant))
   return config

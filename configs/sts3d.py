@@ -12,4 +12,5 @@ from configs import base
 
 
 def get_config(variant: str = ""):
-  return base.benchmark_config("sts3d", "data/STS-3D", eval_every=5000, variant=variant)
+  return base.benchmark_config("sts3d", "data/STS-3D", eval_every=5000, variant=variant,
+                               train_steps=125_000)

@@ -26,7 +26,7 @@ from sdseg_jax.models import model_config
 IMAGE_SIZE = 32
 
 
-def get_config():
+def get_config(variant: str = ""):
   config = base.get_config()
   size = IMAGE_SIZE
   config.model = model_config.model_config(
@@ -66,4 +66,5 @@ def get_config():
   config.log.every_steps = 1
   config.log.tensorboard = False
   config.log.progress_bar = False
+  base.apply_precision(config, base.settings_only(variant))
   return config

@@ -30,9 +30,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.train.global_batch_size > 0, "config.train.global_batch_size must be positive")
   need(config.train.max_steps > 0, "config.train.max_steps must be positive")
   need(config.eval.split in ("val", "test"), "config.eval.split must be 'val' or 'test'")
-  need(config.eval.split != "test",
+  need(config.eval.split != "test" or config.eval.get("select_on_test", False),
        "config.eval.split='test': model selection during training must never see the test "
-       "split (the official code's bug); evaluate on test afterwards with sdseg_jax.evaluate")
+       "split (the official code's bug); evaluate on test afterwards with sdseg_jax.evaluate "
+       "(only the `official` reproduction protocol sets config.eval.select_on_test to redo it)")
+  need(config.eval.get("noise", "per_image") in ("per_image", "shared"),
+       "config.eval.noise must be 'per_image' or 'shared'")
   need(config.mesh.strategy in ("dp", "fsdp"), "config.mesh.strategy must be 'dp' or 'fsdp'")
   need(config.mesh.cpu_devices >= -1,
        "config.mesh.cpu_devices must be -1 (one per core), 0 (JAX's default) or a count")

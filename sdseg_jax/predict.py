@@ -132,6 +132,8 @@ def volume_window(data_config) -> Tuple[float, float, bool]:
   """
   name = data_config.name
   if name == "btcv":
+    if data_config.get("intensity", "clean") == "official":  # the official TEST windowing
+      return -125.0, 275.0, True
     return float(data_config.hu_min), float(data_config.hu_max), False
   if name == "sts3d":
     level, width = float(data_config.window_level), float(data_config.window_width)

@@ -16,7 +16,8 @@ Intensities (deliberate deviation, sdseg-method.md §10.4): SDSeg's training sli
 [-175, 250] HU and mapped to [-1.25, 0.875], its test volumes clipped to [-125, 275] and min-max
 normalised. Here train AND test use one window, [hu_min, hu_max] = [-125, 275] by default,
 mapped linearly to [0, 1] (then to [-1, 1] by the transforms). A fixed map, not a per-volume
-min-max, so a slice's value never depends on the rest of its volume.
+min-max, so a slice's value never depends on the rest of its volume. `intensity="official"`
+restores the official pair (train and test differ) for the `official` reproduction protocol.
 
 Split ("transunet"): TransUNet's 12 test volumes (0001 0002 0003 0004 0008 0022 0025 0029 0032
 0035 0036 0038, also SDSeg's) and its 18 training volumes, of which `val_size` (seeded) are held
@@ -101,6 +102,25 @@ def cache_dir(data_config, split_dir) -> pathlib.Path:
   return volumes.cache_dir(data_config, split_dir)
 
 
+# The official code's intensities (`intensity="official"`): training slices clipped to
+# [-175, 250] HU and mapped by (x + 125) / 400 (not onto [0, 1]); test volumes clipped to
+# [-125, 275] and min-max normalised per volume.
+OFFICIAL_TRAIN_WINDOW = volumes.Window(-175.0, 250.0, map_range=(-125.0, 275.0))
+OFFICIAL_TEST_WINDOW = volumes.Window(-125.0, 275.0, minmax=True)
+INTENSITIES = ("clean", "official")
+
+
+def intensity_window(data_config, split: str) -> volumes.Window:
+  """The window of `split`: one fixed [hu_min, hu_max] map ("clean", the default) or the
+  official code's train/test pair ("official", for the reproduction protocol of that name)."""
+  intensity = data_config.get("intensity", "clean")
+  if intensity == "official":
+    return OFFICIAL_TRAIN_WINDOW if split == "train" else OFFICIAL_TEST_WINDOW
+  if intensity != "clean":
+    raise ValueError(f"data.intensity must be one of {INTENSITIES}, got {intensity!r}")
+  return volumes.Window(float(data_config.hu_min), float(data_config.hu_max), minmax=False)
+
+
 def make_source(data_config, split: str, split_dir: pathlib.Path) -> volumes.VolumeSliceSource:
   cases, _, _ = find_cases(pathlib.Path(data_config.root))
   info = {"dataset": "btcv", "split": data_config.split, "seed": int(data_config.split_seed),
@@ -108,7 +128,7 @@ def make_source(data_config, split: str, split_dir: pathlib.Path) -> volumes.Vol
   splits = splits_lib.resolve_splits(split_dir, list(cases),
                                      lambda: propose_split(data_config, list(cases)), info)
   scheme = data_config.get("labels", "synapse8")
-  window = volumes.Window(float(data_config.hu_min), float(data_config.hu_max), minmax=False)
+  window = intensity_window(data_config, split)
   return volumes.VolumeSliceSource(
       [cases[n] for n in splits[split]], cache_dir(data_config, split_dir), window,
       functools.partial(map_labels, scheme=scheme), label_key=f"btcv:{scheme}")

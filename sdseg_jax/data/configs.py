@@ -56,6 +56,7 @@ def get_data_config(name: str, root: str = "") -> ml_collections.ConfigDict:
     c.labels = "synapse8"        # synapse8 (9-class map, 8 organs) | all13 (14-class map)
     c.hu_min = -125.0            # HU window used for train AND test (SDSeg's test window)
     c.hu_max = 275.0
+    c.intensity = "clean"        # clean (the window above) | official (train != test, btcv.py)
     c.volume_cache_dir = ""      # decoded-volume cache; "" = <split_dir>/../volume_cache
   elif name == "sts3d":
     c.split = "sdseg"            # train Teeth_0001..0009 (minus val), test Teeth_0010..0012

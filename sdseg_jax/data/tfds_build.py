@@ -47,7 +47,7 @@ from sdseg_jax.data import splits as splits_lib
 
 # The data fields that change the stored records (resizing, augmentation and IO fields do not).
 _KEY_FIELDS = ("name", "split", "split_seed", "val_size", "test_size", "layout", "labels",
-               "hu_min", "hu_max", "window_level", "window_width", "clean_labels")
+               "hu_min", "hu_max", "intensity", "window_level", "window_width", "clean_labels")
 VOLUME_SETS = ("btcv", "sts3d")
 
 
@@ -58,6 +58,8 @@ def _tfds():
 
 def config_key(data_config) -> str:
   fields = {k: data_config[k] for k in _KEY_FIELDS if k in data_config}
+  if fields.get("intensity") == "clean":  # the default: builds made before the field keep their key
+    del fields["intensity"]
   return "k" + hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 

@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import pathlib
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -95,10 +95,17 @@ class Case:
 @dataclasses.dataclass(frozen=True)
 class Window:
   """Intensity window -> [0, 1]: clip to [lo, hi], then either the fixed map (x - lo)/(hi - lo)
-  or, with `minmax`, the per-volume min-max of the clipped volume (STS-3D's convention)."""
+  or, with `minmax`, the per-volume min-max of the clipped volume (STS-3D's convention).
+
+  `map_range` (a, b) replaces (lo, hi) in the fixed map and keeps values outside [0, 1]: the
+  official BTCV training slices (clip [-175, 250] HU, then (x + 125) / 400, i.e. [-0.125, 0.94]
+  before the [-1, 1] scaling). Only the `official` reproduction protocol uses it. Not part of
+  the repr, which keys the decoded-volume cache: the cache holds raw volumes.
+  """
   lo: float
   hi: float
   minmax: bool = False
+  map_range: Optional[tuple[float, float]] = dataclasses.field(default=None, repr=False)
 
 
 def _fingerprint(case: Case, label_key: str) -> str:
@@ -188,11 +195,13 @@ class VolumeSliceSource:
     ci, z = self._index[index]
     image, label = self._arrays(ci)
     w, meta = self._window, self._meta[ci]
-    lo, hi = (meta["vmin"], meta["vmax"]) if w.minmax else (w.lo, w.hi)
+    lo, hi = (meta["vmin"], meta["vmax"]) if w.minmax else (w.map_range or (w.lo, w.hi))
     x = np.clip(np.asarray(image[z], dtype=np.float32), w.lo, w.hi)
     x = (x - lo) / max(hi - lo, 1e-6)
+    if w.map_range is None:
+      x = np.clip(x, 0.0, 1.0)
     case = self._cases[ci].name
-    return {"image": np.repeat(np.clip(x, 0.0, 1.0)[..., None], 3, axis=-1),
+    return {"image": np.repeat(x[..., None], 3, axis=-1),
             "mask": np.array(label[z], dtype=np.uint8),
             "name": f"{case}_slice{z:03d}", "case": case, "slice": int(z)}
 

@@ -1,0 +1,256 @@
+"""`python -m sdseg_jax.reproduce`: numbers equal evaluate/stability, resumable, protocols.
+
+The end-to-end test trains the tiny config (4 steps) for one seed, then reruns the study with two
+seeds: the first seed must not be retrained (its checkpoints keep their modification times) and
+the report's numbers must equal what `evaluate` and `stability` give for the same checkpoints
+when run on their own.
+"""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from configs import base
+from configs import tiny
+from sdseg_jax import config_lib
+from sdseg_jax import evaluate
+from sdseg_jax import reproduce
+from sdseg_jax import stability
+from sdseg_jax.data import btcv
+from sdseg_jax.data import volumes
+from sdseg_jax.repro import markdown
+from sdseg_jax.repro import protocols
+from sdseg_jax.repro import report as report_lib
+
+
+def _run(workdir: pathlib.Path, seeds: int) -> dict:
+  return reproduce.run(tiny.get_config(), str(workdir), num_seeds=seeds, protocol_name="clean",
+                       ddim_steps=[2], stability_runs=2, config_name="configs/tiny.py")
+
+
+def _mtimes(folder: pathlib.Path) -> dict:
+  return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("study")
+  _run(workdir, seeds=1)
+  first = _mtimes(workdir / "seed_23" / "checkpoints")
+  report = _run(workdir, seeds=2)
+  return workdir, report, first
+
+
+def test_a_second_run_adds_seeds_without_retraining_finished_ones(study):
+  workdir, report, first = study
+  assert report["seeds"] == [23, 24]
+  assert first and _mtimes(workdir / "seed_23" / "checkpoints") == first
+  for seed in (23, 24):
+    assert json.loads((workdir / f"seed_{seed}" / "reproduce" / "train.json").read_text())[
+        "steps"] == 4
+  assert (workdir / "report.md").read_text().startswith("# SDSeg reproduction: synthetic")
+  assert json.loads((workdir / "report.json").read_text())["seeds"] == [23, 24]
+
+
+@pytest.mark.parametrize("ddim_steps", [0, 2])
+def test_report_equals_evaluate_on_the_same_checkpoints(study, tmp_path, ddim_steps):
+  workdir, report, _ = study
+  result = report["results"][reproduce.sampler_name(ddim_steps)]
+  for i, seed in enumerate((23, 24)):
+    out = tmp_path / f"{seed}.json"
+    assert evaluate.main(["--workdir", str(workdir / f"seed_{seed}"), "--split", "test",
+                          "--ddim-steps", str(ddim_steps), "--hd95", "--json", str(out)]) == 0
+    alone = json.loads(out.read_text())
+    assert alone["n_cases"] == 8
+    for m in ("dice", "iou", "hd95", "assd"):
+      scale = 100.0 if m in ("dice", "iou") else 1.0
+      assert result["per_seed"][i][m]["mean"] == pytest.approx(scale * alone["mean"][m],
+                                                               rel=1e-12)
+  means = [row["dice"]["mean"] for row in result["per_seed"]]
+  assert result["over_seeds"]["dice"]["mean"] == pytest.approx(np.mean(means))
+  assert result["over_seeds"]["dice"]["std"] == pytest.approx(np.std(means, ddof=1))
+
+
+def test_report_equals_stability_on_the_same_checkpoints(study, tmp_path):
+  workdir, report, _ = study
+  for i, seed in enumerate((23, 24)):
+    out = tmp_path / f"{seed}.json"
+    assert stability.main(["--workdir", str(workdir / f"seed_{seed}"), "--split", "test",
+                           "--runs", "2", "--json", str(out)]) == 0
+    alone = json.loads(out.read_text())
+    row = report["stability"]["per_seed"][i]
+    assert row["ssim"] == pytest.approx(alone["instance"]["ssim"]["mean"], rel=1e-12)
+    assert row["pairwise_dice"] == pytest.approx(alone["pairwise_dice"]["mean"], rel=1e-12)
+    assert row["gt_dice_mean"] == pytest.approx(alone["dice_across_runs"]["mean"], rel=1e-12)
+
+
+def test_rerun_with_another_protocol_is_refused(tmp_path):
+  reproduce.check_study(tmp_path, {"protocol": "clean", "config": "configs/tiny.py",
+                                   "config_hash": "x"})
+  with pytest.raises(reproduce.ReproduceError, match="study.json.*protocol='clean'"):
+    reproduce.run(tiny.get_config(), str(tmp_path), num_seeds=2, protocol_name="official",
+                  ddim_steps=[], stability_runs=0, config_name="configs/tiny.py")
+  assert not (tmp_path / "seed_23").exists()  # refused before any training
+
+
+def test_selection_on_test_only_under_the_official_protocol():
+  config = tiny.get_config()
+  with config.unlocked():
+    config.eval.split = "test"
+  with pytest.raises(config_lib.ConfigError, match="never see the test split"):
+    config_lib.validate(config)
+  with config.unlocked():
+    protocols.apply(config, "official")
+  config_lib.validate(config)
+  with config.unlocked():
+    config.eval.noise = "one"
+  with pytest.raises(config_lib.ConfigError, match="config.eval.noise"):
+    config_lib.validate(config)
+
+
+# ---- statistics ----------------------------------------------------------------------------------
+
+
+def test_bootstrap_interval_is_scipys_percentile_bootstrap():
+  values = [0.91, 0.85, 0.78, 0.95, 0.6, 0.88, 0.93]
+  got = report_lib.bootstrap_interval(values)
+  expected = scipy.stats.bootstrap((np.array(values),), np.mean, n_resamples=9999,
+                                   method="percentile", rng=np.random.default_rng(0))
+  assert got == [pytest.approx(expected.confidence_interval.low),
+                 pytest.approx(expected.confidence_interval.high)]
+  assert got[0] < np.mean(values) < got[1]
+  assert report_lib.bootstrap_interval([0.5]) is None
+  assert report_lib.bootstrap_interval([0.5, float("nan")]) is None
+  assert report_lib.bootstrap_interval([0.5, 0.5, 0.5]) == [0.5, 0.5]
+
+
+def _evaluation(cases: dict) -> dict:
+  dice = [v["dice"] for v in cases.values()]
+  return {"mean": {"dice": float(np.nanmean(dice))}, "cases": cases}
+
+
+def test_over_seed_statistics_by_hand():
+  a = _evaluation({"x": {"dice": 0.2}, "y": {"dice": 0.6}, "z": {"dice": 1.0}})
+  b = _evaluation({"x": {"dice": 0.4}, "y": {"dice": 0.8}, "z": {"dice": float("nan")}})
+  out = report_lib.summarize_sampler([a, b])
+  assert out["per_seed"][0]["dice"]["mean"] == pytest.approx(60.0)
+  assert out["per_seed"][1]["dice"]["mean"] == pytest.approx(60.0)
+  assert out["per_seed"][1]["dice"]["n_cases"] == 2  # NaN cases are not counted
+  over = out["over_seeds"]["dice"]
+  assert over["mean"] == pytest.approx(60.0) and over["std"] == pytest.approx(0.0)
+  # Over cases: case means across seeds are 0.3, 0.7, 1.0 (z only in seed a).
+  expected = report_lib.bootstrap_interval([0.3, 0.7, 1.0])
+  assert over["ci_cases"] == [pytest.approx(100 * expected[0]), pytest.approx(100 * expected[1])]
+  assert over["n_cases"] == 3 and over["n_seeds"] == 2
+
+
+def test_markdown_puts_the_official_flaws_first_and_the_paper_beside_ours():
+  evaluation = _evaluation({"x": {"dice": 0.9}, "y": {"dice": 0.8}})
+  evaluation["mean"]["iou"] = 0.7
+  for case in evaluation["cases"].values():
+    case["iou"] = 0.7
+  config = base.benchmark_config("refuge", "/nowhere", eval_every=10)
+  with config.unlocked():
+    protocol = protocols.apply(config, "official")
+  seed = {"seed": 23, "workdir": "w", "evals": {"single_step": evaluation}, "stability": None,
+          "export": None, "train": {"steps": 1, "wall_seconds": 3600.0, "devices": 4}}
+  report = report_lib.build_report(dataset="refuge", config_name="configs/refuge.py",
+                                   protocol=protocol, seeds=[seed], environment={})
+  assert report["cost"]["train_device_hours"] == pytest.approx(4.0)
+  text = markdown.render(report)
+  lines = text.splitlines()
+  assert "official" in lines[2] and "TEST split" in lines[4]
+  assert "| Dice (%) | 85.00 | n/a | n/a | [80.00, 90.00] | 88.7 |" in text
+  assert "| IoU (%) | 70.00 |" in text and "| 80.9 |" in text
+
+
+# ---- protocols and settings ----------------------------------------------------------------------
+
+
+def test_official_protocol_settings():
+  refuge = base.benchmark_config("refuge", "/nowhere", eval_every=10)
+  with refuge.unlocked():
+    p = protocols.apply(refuge, "official")
+  assert (refuge.eval.split, refuge.eval.noise) == ("test", "shared")
+  assert (refuge.data.split, refuge.data.val_size) == ("sdseg", 0)
+  assert any("TEST split" in f for f in p["flaws"]) and any("800" in f for f in p["flaws"])
+  clean = base.benchmark_config("refuge", "/nowhere", eval_every=10)
+  with clean.unlocked():
+    assert protocols.apply(clean, "clean")["flaws"] == []
+  assert (clean.eval.split, clean.eval.noise, clean.data.split) == ("val", "per_image",
+                                                                      "challenge")
+  ct = base.benchmark_config("btcv", "/nowhere", eval_every=10)
+  with ct.unlocked():
+    protocols.apply(ct, "official")
+  assert ct.data.intensity == "official"
+  with pytest.raises(ValueError, match="unknown protocol"):
+    protocols.apply(tiny.get_config(), "paper")
+
+
+def test_official_btcv_intensities_are_the_official_formulas(tmp_path):
+  hu = np.linspace(-400.0, 600.0, 2 * 3 * 7, dtype=np.float32).reshape(2, 3, 7)
+  config = base.benchmark_config("btcv", "/nowhere", eval_every=10).data
+  with config.unlocked():
+    config.intensity = "official"
+  train_w, test_w = btcv.intensity_window(config, "train"), btcv.intensity_window(config, "val")
+  for window, expected_model_input in (
+      # official training slices: clip [-175, 250], (x + 125) / 400 * 2 - 1
+      (train_w, (np.clip(hu, -175, 250) + 125) / 400 * 2 - 1),
+      # official test volumes: clip [-125, 275], per-volume min-max -> [0, 1] -> [-1, 1]
+      (test_w, None)):
+    got = _read_slices(tmp_path / str(window.lo), hu, window)
+    if expected_model_input is None:
+      c = np.clip(hu, -125, 275)
+      expected_model_input = (c - c.min()) / (c.max() - c.min()) * 2 - 1
+    np.testing.assert_allclose(got * 2 - 1, np.moveaxis(expected_model_input, -1, 0),
+                               atol=1e-6)
+  clean = btcv.intensity_window(base.benchmark_config("btcv", "/n", eval_every=1).data, "train")
+  assert clean == volumes.Window(-125.0, 275.0) and clean.map_range is None
+
+
+def _read_slices(folder: pathlib.Path, hu: np.ndarray, window: volumes.Window) -> np.ndarray:
+  nib = pytest.importorskip("nibabel")
+  folder.mkdir()
+  for name, data in (("img", hu), ("label", np.zeros(hu.shape, np.uint8))):
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(folder / f"{name}.nii.gz"))
+  case = volumes.Case("case0001", str(folder / "img.nii.gz"), str(folder / "label.nii.gz"))
+  source = volumes.VolumeSliceSource([case], folder / "cache", window, np.asarray, "raw")
+  return np.stack([source[i]["image"][..., 0] for i in range(len(source))])
+
+
+def test_paper_precision_setting_in_every_config():
+  for name in ("refuge", "cvc", "kvasir", "btcv", "sts3d"):
+    c = base.benchmark_config(name, "/n", eval_every=1, variant="h100,paper")
+    assert (c.model.compute_dtype, c.model.precision) == ("float32", "highest")
+    assert c.train.global_batch_size == 32  # the hardware variant still applies
+    assert base.benchmark_config(name, "/n", eval_every=1, variant="h100").model.compute_dtype \
+        == "bfloat16"
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  assert demo.get_config("paper").model.precision == "highest"
+  assert tiny.get_config("paper").model.compute_dtype == "float32"
+  with pytest.raises(ValueError, match="unknown config setting 'fp16'"):
+    base.benchmark_config("kvasir", "/n", eval_every=1, variant="h100,fp16")
+  with pytest.raises(ValueError, match="unknown config variant"):
+    base.benchmark_config("kvasir", "/n", eval_every=1, variant="paper2")
+  paper = base.benchmark_config("refuge", "/n", eval_every=1, variant=",paper")
+  assert "highest" in protocols.precision(paper)
+
+
+def test_cli_rejects_unknown_flags_and_bad_steps(capsys):
+  with pytest.raises(SystemExit):
+    reproduce.main(["--config", "configs/tiny.py", "--workdir", "/tmp/x", "--bogus"])
+  assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    reproduce.main(["--config", "configs/tiny.py", "--workdir", "/tmp/x", "--ddim-steps", "0"])
+  assert "must be > 0" in capsys.readouterr().err
+
+
+def test_training_lengths_follow_the_official_checkpoints():
+  from configs import btcv as btcv_config, kvasir, sts3d  # pylint: disable=g-import-not-at-top
+  assert sts3d.get_config().train.max_steps == 125_000  # epoch=199-step=124999.ckpt
+  assert btcv_config.get_config().train.max_steps == 70_000  # epoch=126-step=69999.ckpt
+  assert kvasir.get_config().train.max_steps == 100_000
+  assert sts3d.get_config("runlocal").train.max_steps == 10  # variants still set their own
