@@ -10,6 +10,7 @@ command line, and a typo is an error because the config is locked:
 
 import ml_collections
 
+from sdseg_jax import errors
 from sdseg_jax.data import configs as data_configs
 from sdseg_jax.models import model_config
 
@@ -43,10 +44,10 @@ def split_variant(variant: str) -> tuple[str, tuple[str, ...]]:
   """"h100,paper" -> ("h100", ("paper",)); rejects unknown hardware variants and settings."""
   hardware, *settings = variant.split(",")
   if hardware not in VARIANTS:
-    raise ValueError(f"unknown config variant {hardware!r}; expected one of {VARIANTS}")
+    raise errors.ConfigError(f"unknown config variant {hardware!r}; expected one of {VARIANTS}")
   for setting in settings:
     if setting not in PRECISIONS:
-      raise ValueError(f"unknown config setting {setting!r} in {variant!r}; expected one of "
+      raise errors.ConfigError(f"unknown config setting {setting!r} in {variant!r}; expected one of "
                        f"{PRECISIONS} after the variant, e.g. 'h100,paper'")
   return hardware, tuple(settings)
 
@@ -56,7 +57,7 @@ def settings_only(variant: str) -> tuple[str, ...]:
   settings = tuple(s for s in variant.split(",") if s)
   for setting in settings:
     if setting not in PRECISIONS:
-      raise ValueError(f"unknown config setting {setting!r}; this config takes only "
+      raise errors.ConfigError(f"unknown config setting {setting!r}; this config takes only "
                        f"{PRECISIONS}")
   return settings
 

@@ -35,6 +35,7 @@ from ml_collections import config_flags
 
 from sdseg_jax import benchmark_env
 from sdseg_jax import config_lib
+from sdseg_jax import errors
 from sdseg_jax import storage
 from sdseg_jax.repro import markdown
 from sdseg_jax.repro import protocols
@@ -43,7 +44,7 @@ from sdseg_jax.repro import report as report_lib
 SINGLE_STEP = "single_step"
 
 
-class ReproduceError(ValueError):
+class ReproduceError(errors.UserFacingError, ValueError):
   """A reproduction directory or request that cannot be continued (message names the file)."""
 
 
@@ -246,7 +247,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  ddim_steps=args.ddim_steps, stability_runs=args.stability_runs,
                  config_name=args.config,
                  command="python -m sdseg_jax.reproduce " + shlex.join(argv))
-  except (ReproduceError, config_lib.ConfigError, FileNotFoundError) as e:
+  except errors.UserFacingError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(markdown.render(report))

@@ -117,7 +117,7 @@ def intensity_window(data_config, split: str) -> volumes.Window:
   if intensity == "official":
     return OFFICIAL_TRAIN_WINDOW if split == "train" else OFFICIAL_TEST_WINDOW
   if intensity != "clean":
-    raise ValueError(f"data.intensity must be one of {INTENSITIES}, got {intensity!r}")
+    raise errors.ConfigError(f"data.intensity must be one of {INTENSITIES}, got {intensity!r}")
   return volumes.Window(float(data_config.hu_min), float(data_config.hu_max), minmax=False)
 
 

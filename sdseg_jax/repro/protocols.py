@@ -23,6 +23,7 @@ from typing import Any, Dict, List
 
 import ml_collections
 
+from sdseg_jax import errors
 from sdseg_jax.models import sdseg
 
 PROTOCOLS = ("clean", "official")
@@ -59,7 +60,7 @@ _CLEAN_DATASET_DEVIATIONS = {
 def apply(config: ml_collections.ConfigDict, protocol: str) -> Dict[str, Any]:
   """Sets `config` (unlocked) up for `protocol`; returns the protocol's description."""
   if protocol not in PROTOCOLS:
-    raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+    raise errors.ConfigError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
   dataset = config.data.name
   flaws: List[str] = []
   if protocol == "official":
