@@ -51,24 +51,32 @@ def _write_record(zf: zipfile.ZipFile, name: str, dtype: np.dtype, numel: int,
 
 
 def write_lightning_checkpoint(path: pathlib.Path, weights: Mapping[str, tuple[int, ...]],
-                               trainable: tuple[str, ...]) -> dict[str, float]:
+                               trainable: tuple[str, ...],
+                               exact: Mapping[str, np.ndarray] | None = None
+                               ) -> dict[str, float]:
   """Writes {"state_dict": weights, "optimizer_states": AdamW moments, ...} like Lightning.
 
   Args:
     path: the .ckpt file to write.
     weights: state_dict key -> shape (float32 tensors, one storage each).
     trainable: key prefixes of the parameters the optimizer holds moments for.
+    exact: small tensors written with these values instead (e.g. the schedule's `betas`).
 
   Returns:
-    state_dict key -> the value all its elements hold.
+    state_dict key -> the value all its elements hold (keys of `exact` excepted).
   """
-  specs: dict[str, tuple[int, float]] = {}  # storage key -> (numel, value)
+  exact = exact or {}
+  specs: dict[str, tuple[int, Any]] = {}  # storage key -> (numel, value or exact array)
   state_dict = collections.OrderedDict()
   values = {}
   for i, (key, shape) in enumerate(weights.items()):
     storage = str(len(specs))
-    specs[storage] = (int(np.prod(shape, dtype=np.int64)), fill_value(i))
-    values[key] = fill_value(i)
+    if key in exact:
+      specs[storage] = (int(np.prod(shape, dtype=np.int64)),
+                        np.asarray(exact[key], np.float32).reshape(shape))
+    else:
+      specs[storage] = (int(np.prod(shape, dtype=np.int64)), fill_value(i))
+      values[key] = fill_value(i)
     state_dict[key] = torch_format.TensorView(storage, tuple(shape))
   moments = {}
   params = [k for k in weights if k.startswith(trainable)]
@@ -89,7 +97,10 @@ def write_lightning_checkpoint(path: pathlib.Path, weights: Mapping[str, tuple[i
     zf.writestr("archive/data.pkl", torch_format.dumps(obj, placeholders))
     zf.writestr("archive/byteorder", "little")
     for storage, (numel, value) in specs.items():
-      _write_record(zf, f"archive/data/{storage}", np.dtype(np.float32), numel, value)
+      if isinstance(value, np.ndarray):
+        zf.writestr(f"archive/data/{storage}", value.tobytes())
+      else:
+        _write_record(zf, f"archive/data/{storage}", np.dtype(np.float32), numel, value)
     zf.writestr("archive/version", "3\n")
   return values
 
@@ -149,7 +160,11 @@ def main(argv: list[str] | None = None) -> None:
   manifest = json.loads(pathlib.Path(args.manifest).read_text())
   weights = {k: tuple(v["shape"] if isinstance(v, Mapping) else v) for k, v in manifest.items()}
   out = pathlib.Path(args.out)
-  write_lightning_checkpoint(out, weights, ("model.diffusion_model.", "cond_stage_model."))
+  # What the converter checks: the schedule of the official config, a positive latent scale.
+  from sdseg_jax import diffusion  # pylint: disable=g-import-not-at-top
+  betas = diffusion.make_schedule().betas  # the official linear schedule (configs/base.py)
+  write_lightning_checkpoint(out, weights, ("model.diffusion_model.", "cond_stage_model."),
+                             exact={"betas": betas, "scale_factor": np.float32(0.18215)})
   report = {"file_bytes": out.stat().st_size, "reader": peak_rss(out)}
   report["reader"].pop("probe")
   if args.convert:
