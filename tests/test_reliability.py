@@ -39,7 +39,9 @@ from PIL import Image
 import pytest
 
 from tests import test_train_loop as loop
+from tests.test_multiprocess_train import job  # noqa: F401  (the two-process job, shared)
 from tests.test_train_loop import reference  # noqa: F401  (the uninterrupted run, shared)
+from tests.test_train_loop import resharded  # noqa: F401  (8 -> 4 devices resume, shared)
 
 FOLDER_CONFIG = "tests/configs/tiny_folder.py"
 
@@ -153,9 +155,16 @@ def test_image_truncated_mid_run_stops_naming_it_and_keeps_the_last_checkpoint(
 # ---- SIGKILL ---------------------------------------------------------------------------------
 
 
-# The killed run saves every step and evaluates only at the end (evaluation never changes the
-# trajectory: it draws from its own key; test_train_loop checks that the cadence does not matter).
-KILL_RUN_FLAGS = ("--config.checkpoint.every_steps=1", "--config.eval.every_steps=1000")
+# The killed run saves (and keeps) every step and evaluates only at the end (evaluation never
+# changes the trajectory: it draws from its own key; test_train_loop checks that the cadence does
+# not matter). It trains 6 steps, 2 more than the reference: its steps 1-4 must equal the
+# reference's bit for bit, and its steps 5-6 are the 8-device reference continuation of
+# test_train_loop's `resharded` run (steps 5-6 on 4 devices). The learning rate is constant after
+# the (absent) warm-up, so max_steps changes nothing before step 4.
+KILL_RUN_STEPS = 6
+KILL_RUN_FLAGS = ("--config.checkpoint.every_steps=1", "--config.eval.every_steps=1000",
+                  f"--config.checkpoint.keep_last={KILL_RUN_STEPS}",
+                  f"--config.train.max_steps={KILL_RUN_STEPS}")
 
 
 def _kill_during_save(proc: subprocess.Popen, checkpoints: pathlib.Path, first: int
@@ -177,7 +186,7 @@ def _kill_during_save(proc: subprocess.Popen, checkpoints: pathlib.Path, first: 
       proc.send_signal(signal.SIGCONT)  # committed in between: take the next save
     if (checkpoints / str(step)).is_dir():
       step += 1
-      assert step <= loop.MAX_STEPS, "every save committed before the poll saw one in flight"
+      assert step <= KILL_RUN_STEPS, "every save committed before the poll saw one in flight"
     time.sleep(0.002)
 
 
@@ -186,7 +195,7 @@ def killed_run(tmp_path_factory, reference) -> pathlib.Path:
   """workdir/../killed_logs/: kill.json (seed, chosen and killed step), kill.log, resume.log."""
   def produce(workdir: pathlib.Path) -> None:
     seed = int(os.environ.get("SDSEG_KILL_SEED", time.time_ns() % 10**6))
-    chosen = random.Random(seed).choice(range(2, loop.MAX_STEPS + 1))
+    chosen = random.Random(seed).choice(range(2, KILL_RUN_STEPS + 1))
     print(f"SIGKILL during the save of step {chosen} (SDSEG_KILL_SEED={seed})")
     logs = workdir.parent / "killed_logs"
     logs.mkdir(exist_ok=True)
@@ -229,32 +238,122 @@ def test_sigkill_during_an_async_save_leaves_the_previous_checkpoint_intact(kill
   assert re.search(rf"resumed from \S+ at step {killed - 1}\b", resume_log), where
   # The rerun removed the leftover and saved every later step.
   assert not _tmp_dirs(killed_run / "checkpoints"), where
-  assert _committed_steps(killed_run)[-1] == loop.MAX_STEPS
+  assert _committed_steps(killed_run) == list(range(1, KILL_RUN_STEPS + 1)), where
+
+
+def _assert_states_equal(a, b, where: str) -> None:
+  leaves_a = jax.tree_util.tree_flatten_with_path(a)[0]
+  leaves_b = jax.tree_util.tree_leaves(b)
+  assert len(leaves_a) == len(leaves_b)
+  for (path, x), y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(x, y, err_msg=f"{jax.tree_util.keystr(path)} {where}")
 
 
 def test_sigkill_and_rerun_end_bit_identical_to_an_uninterrupted_run(killed_run, reference):
+  """Steps 3 and 4 (the reference's checkpoints): params, Adam moments, EMA, step, PRNG key
+  and data position equal; the surviving checkpoint is one of them when the kill hit step 4-5."""
   record = _kill_record(killed_run)
   where = f"(killed in the save of step {record['killed']}, SDSEG_KILL_SEED={record['seed']})"
-  ref_state, ref_data, _ = loop.restore_checkpoint(reference, step=loop.MAX_STEPS)
-  run_state, run_data, _ = loop.restore_checkpoint(killed_run, step=loop.MAX_STEPS)
-  assert ref_data == run_data == {"next_index": loop.MAX_STEPS}, where
-  ref_leaves = jax.tree_util.tree_leaves(ref_state)
-  run_leaves = jax.tree_util.tree_flatten_with_path(run_state)[0]
-  assert len(ref_leaves) == len(run_leaves)
-  for (path, a), b in zip(run_leaves, ref_leaves):
-    np.testing.assert_array_equal(a, b, err_msg=f"{jax.tree_util.keystr(path)} {where}")
-  # The losses of the steps trained after the resume are the reference's too.
+  for step in (3, loop.MAX_STEPS):
+    ref_state, ref_data, _ = loop.restore_checkpoint(reference, step=step)
+    run_state, run_data, _ = loop.restore_checkpoint(killed_run, step=step)
+    assert ref_data == run_data == {"next_index": step}, where
+    _assert_states_equal(run_state, ref_state, f"step {step} {where}")
+  # The losses of every step, those trained again after the resume included, are the same.
   ref_loss = {r["step"]: r["train/loss"] for r in loop.read_metrics(reference)
               if "train/loss" in r}
   run_loss = {r["step"]: r["train/loss"] for r in loop.read_metrics(killed_run)
-              if "train/loss" in r}
+              if "train/loss" in r and r["step"] <= loop.MAX_STEPS}
   assert run_loss == ref_loss, where
-  # When the surviving checkpoint is one the reference also saved (step 3), it is equal too.
-  if record["killed"] - 1 == 3:
-    before, _, _ = loop.restore_checkpoint(reference, step=3)
-    for a, b in zip(jax.tree_util.tree_leaves(before),
-                    jax.tree_util.tree_leaves(loop.restore_checkpoint(killed_run, step=3)[0])):
-      np.testing.assert_array_equal(a, b, err_msg=where)
+
+
+# ---- resharded resume and the two-process job, against a reference -------------------------
+
+
+def _update_mismatch(a, b, start, where: str) -> dict:
+  """How far run `a` is from the reference `b`, measured against b's update since `start`.
+
+  For each float field of the state (params, EMA UNet): the relative L2 distance
+  ||a - b|| / ||b - start|| and the fraction of elements further apart than 1e-6; other leaves
+  (step, PRNG key) must be equal.
+  """
+  out = {}
+  for field in ("params", "ema_unet"):
+    x, y, y0 = (np.concatenate([np.ravel(np.asarray(leaf, np.float64))
+                                for leaf in jax.tree_util.tree_leaves(getattr(s, field))])
+                for s in (a, b, start))
+    out[field] = {"relative": float(np.linalg.norm(x - y) / np.linalg.norm(y - y0)),
+                  "fraction_apart": float(np.mean(np.abs(x - y) > 1e-6)),
+                  "max_apart": float(np.max(np.abs(x - y)))}
+  np.testing.assert_array_equal(a.step, b.step, err_msg=where)
+  np.testing.assert_array_equal(a.rng, b.rng, err_msg=where)
+  return out
+
+
+# Tolerances of a run whose only difference is the order of floating-point reductions (the
+# gradient mean over 4 instead of 8 devices, or over two processes' devices through gloo).
+# Adam makes max-abs differences meaningless: its first updates are about lr * sign(gradient),
+# so an element whose gradient is at rounding level may move by +lr in one run and -lr in the
+# other (up to 2 lr per step). What rounding cannot do is move many elements: so the whole
+# update must agree to 1% in L2 and at most 0.1% of the elements may differ by more than 1e-6
+# (measured on 2026-12-02: 0.09% and 0.015% for 8 -> 4 devices). A wrong data shard, a lost
+# step or a state restored into the wrong leaves moves all of them.
+MAX_RELATIVE_MISMATCH = 1e-2
+MAX_FRACTION_APART = 1e-3
+
+
+def _assert_reduction_order_only(report: dict, where: str) -> None:
+  for field, numbers in report.items():
+    assert numbers["relative"] < MAX_RELATIVE_MISMATCH, (field, report, where)
+    assert numbers["fraction_apart"] < MAX_FRACTION_APART, (field, report, where)
+
+
+def test_resume_on_4_devices_matches_the_8_device_run(resharded, killed_run):
+  """Steps 5-6 on 4 devices from the reference's step-4 checkpoint vs the same steps on 8."""
+  start, _, _ = loop.restore_checkpoint(killed_run, step=loop.MAX_STEPS)
+  state4, data4, extra4 = loop.restore_checkpoint(resharded, step=KILL_RUN_STEPS)
+  state8, data8, extra8 = loop.restore_checkpoint(killed_run, step=KILL_RUN_STEPS)
+  assert data4 == data8 == {"next_index": KILL_RUN_STEPS}
+  assert extra4["scale_factor"] == extra8["scale_factor"]
+  report = _update_mismatch(state4, state8, start, "8 -> 4 devices")
+  print("8 -> 4 devices, steps 5-6:", report)
+  _assert_reduction_order_only(report, "8 -> 4 devices")
+
+
+@pytest.fixture(scope="module")
+def single_process_twin(tmp_path_factory, job) -> pathlib.Path:
+  """The two-process job's command run as ONE process on 8 devices, from the job's VAE.
+
+  The job pre-trains its own VAE, and those 5 Adam steps already differ by reduction order
+  (see MAX_RELATIVE_MISMATCH): starting from the same VAE isolates the training steps.
+  """
+  from tests import test_multiprocess_train as mp  # pylint: disable=g-import-not-at-top
+
+  def produce(workdir: pathlib.Path) -> None:
+    workdir.mkdir(parents=True)
+    shutil.copy(job / "pretrained_vae.npz", workdir / "pretrained_vae.npz")
+    log = workdir.parent / "single_process_twin.log"
+    rc = loop._run(loop.main_command(workdir, f"--config.train.max_steps={mp.STEPS}",
+                                     "--config.checkpoint.every_steps=1"),
+                   loop.subprocess_env(tmp_path_factory, 8), log)
+    loop._check_rc(rc, log)
+  return loop.shared_run(tmp_path_factory, "single_process_twin", produce)
+
+
+def test_two_process_job_matches_a_single_process_run(job, single_process_twin):
+  from tests import test_multiprocess_train as mp  # pylint: disable=g-import-not-at-top
+  two, _, extra2 = loop.restore_checkpoint(job, step=mp.STEPS, restore_data_state=False)
+  one, _, extra1 = loop.restore_checkpoint(single_process_twin, step=mp.STEPS)
+  start, _, _ = loop.restore_checkpoint(single_process_twin, step=mp.STEPS - 1)
+  assert abs(extra2["scale_factor"] - extra1["scale_factor"]) <= 1e-6 * extra1["scale_factor"]
+  losses = [{r["step"]: r["train/loss"] for r in loop.read_metrics(w) if "train/loss" in r}
+            for w in (job, single_process_twin)]
+  assert losses[0].keys() == losses[1].keys() == set(range(1, mp.STEPS + 1))
+  for step in losses[1]:
+    assert losses[0][step] == pytest.approx(losses[1][step], rel=1e-5), step
+  report = _update_mismatch(two, one, start, "2 processes vs 1")
+  print("2 processes vs 1 process, step 2 (update of step 2):", report)
+  _assert_reduction_order_only(report, "2 processes vs 1")
 
 
 # ---- disk full -------------------------------------------------------------------------------
