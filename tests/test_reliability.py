@@ -295,11 +295,12 @@ def _update_mismatch(a, b, start, where: str) -> dict:
 # Adam makes max-abs differences meaningless: its first updates are about lr * sign(gradient),
 # so an element whose gradient is at rounding level may move by +lr in one run and -lr in the
 # other (up to 2 lr per step). What rounding cannot do is move many elements: so the whole
-# update must agree to 1% in L2 and at most 0.1% of the elements may differ by more than 1e-6
-# (measured on 2026-12-02: 0.09% and 0.015% for 8 -> 4 devices). A wrong data shard, a lost
-# step or a state restored into the wrong leaves moves all of them.
+# update must agree to 1% in L2 and at most 0.5% of the elements may differ by more than 1e-6.
+# Measured on 2026-12-02: 8 -> 4 devices 0.09% in L2 and 0.015% of the elements; 2 processes vs
+# 1 0.05% and 0.068%. A lost step, a state restored into the wrong leaves or a data shard in the
+# wrong rows moves far more (global batch rows in another order: 240% in L2, 33% of elements).
 MAX_RELATIVE_MISMATCH = 1e-2
-MAX_FRACTION_APART = 1e-3
+MAX_FRACTION_APART = 5e-3
 
 
 def _assert_reduction_order_only(report: dict, where: str) -> None:
