@@ -3,8 +3,11 @@
   SIGKILL           a run checkpointing every step is killed (no handler runs) while the async
                     save of a randomly chosen step is in flight; the previous checkpoint is
                     untouched and restores, the rerun of the same command resumes from it, and
-                    at the final step the state (params, Adam moments, EMA, step, PRNG key) and
-                    the data-iterator position are bit-identical to an uninterrupted run;
+                    at step 4 the state (params, Adam moments, EMA, step, PRNG key) and the
+                    data-iterator position are bit-identical to an uninterrupted run;
+  8 -> 4 devices,   the reference resumed on 4 devices, and the two-process job, against runs
+  2 processes       that differ only in the order of float reductions (tolerance explained at
+                    MAX_RELATIVE_MISMATCH);
   disk full         the checkpoint folder is on a tmpfs (a private mount namespace, so no root
                     is needed where user namespaces are allowed) that is filled up once the
                     first checkpoint is committed: the second save fails, the run stops with one error line saying "no space
