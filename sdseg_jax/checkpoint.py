@@ -43,11 +43,13 @@ preemption notices.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from absl import logging
@@ -185,6 +187,7 @@ class Checkpointer:
     if best_mode not in ("max", "min"):
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
     self._directory = storage.path(directory)  # local or gs:// (orbax writes through tensorstore)
+    self._writing_step: int | None = None  # the newest step whose save was started
     self._best_metric = best_metric
     self._best_mode = best_mode
 
@@ -283,11 +286,13 @@ class Checkpointer:
     if data_state is not None:
       items[_DATA] = grain_checkpoint.CheckpointSave(_DataStateHolder(data_state))
     try:
-      saved = self._manager.save(step, args=ocp.args.Composite(**items), metrics=rank_metrics,
-                                 force=force)
+      with self._writing(step):
+        saved = self._manager.save(step, args=ocp.args.Composite(**items),
+                                   metrics=rank_metrics, force=force)
     except ocp.checkpoint_manager.StepAlreadyExistsError as e:
       raise CheckpointError(f"{self._step_dir(step)}: step {step} already exists; checkpoints "
                             "are never overwritten") from e
+    self._writing_step = step
     if not saved:
       logging.info("Checkpoint save of step %d skipped (latest step is %s).", step,
                    self.latest_step())
@@ -404,11 +409,45 @@ class Checkpointer:
 
   def wait_until_finished(self) -> None:
     """Blocks until the in-flight async save is committed (re-raises its error, if any)."""
-    self._manager.wait_until_finished()
+    with self._writing(None):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
     """Waits for the in-flight save and releases orbax's threads."""
-    self._manager.close()
+    with self._writing(None):
+      self._manager.close()
+
+  @contextlib.contextmanager
+  def _writing(self, step: int | None) -> Iterator[None]:
+    """Turns a failed write (this step's, or the async one in flight) into a CheckpointError.
+
+    The error says which step failed, why in one line (a full disk or quota is named as such),
+    and which complete checkpoint a rerun resumes from: orbax commits a step only after all of
+    it is written, so a failed save never replaces the previous checkpoint.
+    """
+    try:
+      yield
+    except ocp.checkpoint_manager.StepAlreadyExistsError:
+      raise
+    except Exception as e:  # tensorstore/OS/orbax errors of any type
+      text = str(e)
+      # An async write's error surfaces in a later call; its temporary folder names its step.
+      named = re.search(r"[/\\](\d+)\.orbax-checkpoint-tmp", text)
+      failed = int(named.group(1)) if named else (self._writing_step if step is None else step)
+      if "No space left on device" in text or "os_error_code='28'" in text:
+        cause = "no space left on device"
+      elif "Disk quota exceeded" in text or "os_error_code='122'" in text:
+        cause = "disk quota exceeded"
+      else:
+        cause = "write failed"
+      committed = sorted(int(p.name) for p in self._directory.iterdir()
+                         if p.name.isdigit() and failed is not None and int(p.name) != failed)
+      resume = (f"the newest complete checkpoint is {self._step_dir(committed[-1])} (step "
+                f"{committed[-1]})" if committed else "no complete checkpoint exists yet")
+      raise CheckpointError(
+          f"{self._step_dir(failed) if failed is not None else self._directory}: saving "
+          f"checkpoint step {failed} failed: {cause} ({_describe(e, 300)}); {resume}, and a "
+          f"rerun resumes from it once the problem is fixed") from e
 
   def __enter__(self) -> Checkpointer:
     return self

@@ -47,8 +47,7 @@ def convert_file(model_cfg, kind: str, checkpoint: str, out: str, use_ema: bool 
   """Converts one checkpoint and writes the artifact; returns the printable summary."""
   model = sdseg.build(model_cfg)
   params, vae = jax.eval_shape(model.init, jax.random.key(0))
-  state = torch_pickle.state_dict_from_checkpoint(
-      torch_pickle.load_torch_checkpoint(checkpoint), checkpoint)
+  state = torch_pickle.load_state_dict(checkpoint)  # optimizer state etc. is never read
   prefixed_vae = any(k.startswith("first_stage_model.") for k in state) and not any(
       k.startswith("encoder.") for k in state)
   if kind == "autoencoder":

@@ -23,11 +23,12 @@ probe speaks gRPC, which emulators do not serve: set GCSFS_EXPERIMENTAL_ZB_HNS_S
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
 import uuid
-from typing import Union
+from typing import BinaryIO, Iterator, Union
 
 from etils import epath
 
@@ -127,23 +128,37 @@ def check_bucket(value: PathLike, *, write: bool) -> None:
                        "roles/storage.objectViewer to read)") from e
 
 
-def write_bytes_atomic(target: PathLike, data: bytes) -> None:
-  """Writes `data` so that readers see the old file or the new one, never a partial one."""
+@contextlib.contextmanager
+def open_atomic(target: PathLike) -> Iterator[BinaryIO]:
+  """A binary file whose contents replace `target` atomically when the block ends cleanly.
+
+  Readers see the old file or the new one, never a partial one. Locally the data streams to a
+  temporary file beside `target` (renamed at the end, removed on error), so a multi-GB artifact
+  never needs a second copy in memory; a gs:// object is one upload at the end.
+  """
   target = path(target)
   if is_remote(target):
-    target.write_bytes(data)  # one upload: atomic on GCS
+    buffer = io.BytesIO()
+    yield buffer
+    target.write_bytes(buffer.getvalue())  # one upload: atomic on GCS
     return
   target.parent.mkdir(parents=True, exist_ok=True)
   tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
   try:
     with open(tmp, "wb") as f:
-      f.write(data)
+      yield f
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, target)
   except BaseException:
     tmp.unlink(missing_ok=True)
     raise
+
+
+def write_bytes_atomic(target: PathLike, data: bytes) -> None:
+  """Writes `data` so that readers see the old file or the new one, never a partial one."""
+  with open_atomic(target) as f:
+    f.write(data)
 
 
 def write_text_atomic(target: PathLike, text: str) -> None:

@@ -318,7 +318,9 @@ def test_failed_save_raises_and_keeps_previous(tmp_path, mesh8, monkeypatch):
     def fail(self):
       raise OSError("disk full")
     monkeypatch.setattr(checkpoint._DataStateHolder, "get_state", fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"/2: saving checkpoint step 2 failed: write failed \(OSError: disk "
+                             r"full\); the newest complete checkpoint is \S+/1 \(step 1\)"):
       ckpt.save(2, state, data_state=b"x")
       ckpt.wait_until_finished()
   monkeypatch.undo()

@@ -158,13 +158,13 @@ def test_shared_storage_is_read_once_and_tensors_do_not_alias(tmp_path, monkeypa
       "other": TensorView("1", (1,)),
   }, {"0": base, "1": np.array([9], np.int64)})
   reads = collections.Counter()
-  original_read = zipfile.ZipFile.read
+  original_open = zipfile.ZipFile.open
 
-  def counting_read(self, name, *args, **kwargs):
+  def counting_open(self, name, *args, **kwargs):
     reads[name] += 1
-    return original_read(self, name, *args, **kwargs)
+    return original_open(self, name, *args, **kwargs)
 
-  monkeypatch.setattr(zipfile.ZipFile, "read", counting_read)
+  monkeypatch.setattr(zipfile.ZipFile, "open", counting_open)
   loaded = load_torch_checkpoint(path)
   np.testing.assert_array_equal(loaded["a"], base[:5])
   np.testing.assert_array_equal(loaded["b"], base[5:])

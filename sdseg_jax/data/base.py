@@ -47,16 +47,28 @@ def _open_tiff(path: pathlib.Path) -> np.ndarray:
 
 
 def read_array(path: str | pathlib.Path) -> np.ndarray:
-  """Decodes an image file into a uint8 array (H, W) or (H, W, C), whatever its format."""
+  """Decodes an image file into a uint8 array (H, W) or (H, W, C), whatever its format.
+
+  A file that cannot be decoded is a DataError naming it. Training reads files lazily, epoch
+  after epoch, so a file that passed the pre-training check can still be truncated or deleted
+  later (a sync job, a full disk); the decoders' own errors ("image file is truncated") do not
+  say which of thousands of files it was.
+  """
   path = pathlib.Path(path)
-  if path.suffix.lower() in (".tif", ".tiff"):
-    arr = _open_tiff(path)
-  else:
-    with Image.open(path) as im:
-      # Palette and 16-bit files are rare in these datasets; normalise them to L/RGB.
-      if im.mode not in ("L", "RGB", "RGBA"):
-        im = im.convert("RGB" if "A" in im.mode or im.mode == "P" else "L")
-      arr = np.asarray(im)
+  try:
+    if path.suffix.lower() in (".tif", ".tiff"):
+      arr = _open_tiff(path)
+    else:
+      with Image.open(path) as im:
+        # Palette and 16-bit files are rare in these datasets; normalise them to L/RGB.
+        if im.mode not in ("L", "RGB", "RGBA"):
+          im = im.convert("RGB" if "A" in im.mode or im.mode == "P" else "L")
+        arr = np.asarray(im)
+  except ImportError:
+    raise
+  except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+    raise DataError(f"{path}: cannot read or decode the file ({type(e).__name__}: {e}); "
+                    "is it truncated or corrupt?") from e
   if arr.dtype != np.uint8:
     raise DataError(f"{path}: expected 8-bit pixels, got {arr.dtype}")
   return arr

@@ -5,8 +5,10 @@ only its own share, and the training code assembles global arrays from the per-h
 
 Train: a seeded shuffle of the whole split that is redrawn every epoch (grain's epoch-aware
 `shuffle` over an endless `repeat`), seeded flips keyed on the GLOBAL element index, then
-process `p` of `P` takes elements p, p+P, p+2P, ... . So the P processes together read each epoch
-exactly once, none reads what another does, and the stream does not depend on the worker count.
+global batch k is elements [k*B, (k+1)*B) of that stream, of which process `p` of `P` reads the
+rows [k*B + p*b, k*B + (p+1)*b) (b = B/P). So the P processes together read each epoch exactly
+once, none reads what another does, the global batch (assembled in process order) is row for row
+the batch of a single-process run, and the stream does not depend on the worker count.
 The returned `grain.DatasetIterator` has `get_state()` / `set_state()` (and works with
 `grain.checkpoint.CheckpointSave/Restore` in orbax), so a restored run sees the same batches.
 
@@ -82,10 +84,12 @@ def make_train_loader(data_config, *, split_dir: storage.PathLike, global_batch_
   if flip_prob > 0 and flips != "none":
     # A different stream than the shuffle's: seed + 1 (both derive from the run seed).
     ds = ds.random_map(transforms.RandomFlips(flip_prob, vertical=flips == "hv"), seed=seed + 1)
-  # Batching the random-access dataset (not the iterator) fixes batch k to elements
-  # [k*b, (k+1)*b) of this process's share, so worker processes (which take whole batches in
-  # turn) and read threads change only the speed, never the stream.
-  ds = ds[process_index::process_count].batch(local_batch, drop_remainder=True)
+  # Batching the random-access dataset (not the iterator) fixes local batch k of process p to
+  # elements [(k*P + p)*b, (k*P + p + 1)*b): row block p of global batch k, the rows a single
+  # process would put there (so per-row noise and timesteps meet the same examples on any
+  # process count). Worker processes (which take whole batches in turn) and read threads change
+  # only the speed, never the stream.
+  ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
   threads = int(data_config.get("read_threads", 4))
   prefetch = int(data_config.get("prefetch", 2))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,

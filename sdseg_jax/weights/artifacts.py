@@ -5,7 +5,6 @@ A flat npz (paths joined by '/') is readable by numpy alone, needs no pickle (lo
 gs://), so an interrupted conversion never leaves a half-written artifact behind.
 """
 
-import io
 import json
 import os
 from typing import Any, Dict, Mapping, Tuple
@@ -27,9 +26,8 @@ def save(path: os.PathLike, tree: Mapping[str, Any], meta: Mapping[str, Any]) ->
   """Writes `tree` (nested dicts of arrays) and `meta` (JSON-serialisable) atomically."""
   arrays = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
   arrays[_META_KEY] = np.frombuffer(json.dumps(dict(meta)).encode(), np.uint8)
-  buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
-  storage.write_bytes_atomic(path, buffer.getvalue())
+  with storage.open_atomic(path) as f:  # streamed: no in-memory copy of the whole file
+    np.savez(f, **arrays)
 
 
 def load(path: os.PathLike) -> Tuple[Dict[str, Any], Dict[str, Any]]:

@@ -131,7 +131,7 @@ def map_module(state: Mapping[str, np.ndarray], prefix: str, target: Tree, what:
           f"{what}: shape mismatch for {key}: checkpoint {tuple(state[key].shape)} -> "
           f"{array.shape} after layout change, but the configured model expects {want} at "
           f"{'/'.join(path)}; does the config match the checkpoint's architecture?")
-    out[path] = array.astype(np.float32)
+    out[path] = array.astype(np.float32, copy=False)  # float32 sources stay as read
     report.mapped[key] = f"{what}/{'/'.join(path)}"
   if unexpected:
     raise ConversionError(

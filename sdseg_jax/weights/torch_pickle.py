@@ -13,6 +13,12 @@ The format: a zip archive holding `<archive>/data.pkl`, one `<archive>/data/<key
 bytes per storage, and `<archive>/byteorder`. `data.pkl` is a pickle in which every tensor is a
 call `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks)` and
 every storage a persistent id `('storage', torch.<Type>Storage, key, location, numel)`.
+
+Reading is lazy: unpickling yields placeholders that know their storage, dtype, offset, size and
+stride (bounds already checked against the record sizes in the zip directory) but hold no bytes.
+Only the tensors a caller keeps are then read, one storage record at a time, straight into their
+own arrays. So `load_state_dict` on a multi-GB Lightning checkpoint never reads the optimizer
+state beside the weights, and its peak memory is the weights plus one record, not the file size.
 """
 
 from __future__ import annotations
@@ -184,6 +190,72 @@ class _Storage:
     return stored.astype(np.dtype(f"=u{unit}")).view(dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class _StorageRef:
+  """A storage as the pickle names it, before its bytes are read (see `_Archive.storage`)."""
+  key: str
+  name: str  # The zip record holding the bytes.
+  nbytes: int  # numel * dtype.itemsize: the bytes the pickle may view.
+  dtype: np.dtype
+
+
+class _LazyTensor:
+  """A tensor whose bytes are not read yet: (storage, dtype, offset, size, stride), checked.
+
+  Unhashable like the numpy array it becomes, so it can never end up in a set or as a key.
+  """
+
+  __hash__ = None  # type: ignore[assignment]
+
+  def __init__(self, storage: Any, dtype: np.dtype | None, offset: Any, size: Any,
+               stride: Any):
+    if not isinstance(storage, _StorageRef):
+      raise ValueError(f"tensor storage is a {type(storage).__name__}, not a storage record")
+    self.storage, self.dtype = storage, dtype
+    self.shape = _index_tuple(size, "size")
+    self.strides = _index_tuple(stride, "stride")
+    (self.offset,) = _index_tuple((offset,), "storage offset")
+    if len(self.shape) != len(self.strides):
+      raise ValueError(f"tensor size {self.shape} and stride {self.strides} differ in length")
+    count = storage.nbytes // dtype.itemsize
+    end = self.offset if self.empty else self.offset + 1 + sum(
+        (n - 1) * s for n, s in zip(self.shape, self.strides))
+    if end > count:
+      raise ValueError(
+          f"tensor (size {self.shape}, stride {self.strides}, offset {self.offset}) reads past "
+          f"the end of storage {storage.key!r} ({count} elements of {dtype})")
+
+  @property
+  def empty(self) -> bool:
+    return 0 in self.shape
+
+  @property
+  def whole_storage(self) -> bool:
+    """Whether the tensor is its storage, element for element (the usual state_dict case)."""
+    return (self.offset == 0 and self.strides == _contiguous_strides(self.shape) and
+            int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize ==
+            self.storage.nbytes)
+
+  def view(self, storage: _Storage) -> np.ndarray:
+    """Materialises the tensor from its storage's bytes as an owned C-contiguous array."""
+    if self.empty:
+      return np.zeros(self.shape, self.dtype)
+    elements = storage.elements(self.dtype)
+    view = np.lib.stride_tricks.as_strided(
+        elements[self.offset:], self.shape, tuple(s * self.dtype.itemsize for s in self.strides),
+        writeable=False)
+    return np.array(view, order="C", copy=True)
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+  """Element strides of a C-contiguous tensor, as torch reports them."""
+  strides, step = [], 1
+  for n in reversed(shape):
+    strides.append(step)
+    step *= max(n, 1)
+  return tuple(reversed(strides))
+
+
 # --- Tensor rebuilders (the only torch functions this reader implements) -------------------
 
 
@@ -196,42 +268,24 @@ def _index_tuple(value: Any, what: str) -> tuple[int, ...]:
 
 
 def _view_storage(storage: Any, dtype: np.dtype, offset: Any, size: Any,
-                  stride: Any) -> np.ndarray:
-  """Materialises the tensor (storage, offset, size, stride) as an owned C-contiguous array.
+                  stride: Any) -> _LazyTensor:
+  """The tensor (storage, offset, size, stride), checked now and read later.
 
-  The bounds are checked before numpy's stride tricks touch memory, because a hostile or
-  corrupt pickle could otherwise make `as_strided` read outside the storage.
+  The bounds are checked before anything is read, because a hostile or corrupt pickle could
+  otherwise make numpy's stride tricks read outside the storage.
   """
-  if not isinstance(storage, _Storage):
-    raise ValueError(f"tensor storage is a {type(storage).__name__}, not a storage record")
-  shape = _index_tuple(size, "size")
-  strides = _index_tuple(stride, "stride")
-  (offset,) = _index_tuple((offset,), "storage offset")
-  if len(shape) != len(strides):
-    raise ValueError(f"tensor size {shape} and stride {strides} differ in length")
-  elements = storage.elements(dtype)
-  empty = 0 in shape
-  end = offset if empty else offset + 1 + sum((n - 1) * s for n, s in zip(shape, strides))
-  if end > elements.size:
-    raise ValueError(
-        f"tensor (size {shape}, stride {strides}, offset {offset}) reads past the end of "
-        f"storage {storage.key!r} ({elements.size} elements of {dtype})")
-  if empty:
-    return np.zeros(shape, dtype)
-  view = np.lib.stride_tricks.as_strided(
-      elements[offset:], shape, tuple(s * dtype.itemsize for s in strides), writeable=False)
-  return np.array(view, order="C", copy=True)
+  return _LazyTensor(storage, dtype, offset, size, stride)
 
 
-def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -> np.ndarray:
+def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -> _LazyTensor:
   """`torch._utils._rebuild_tensor`: the dtype is the storage's."""
-  dtype = storage.dtype if isinstance(storage, _Storage) else None
+  dtype = storage.dtype if isinstance(storage, _StorageRef) else None
   return _view_storage(storage, dtype, storage_offset, size, stride)
 
 
 def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any,
                        requires_grad: Any = False, backward_hooks: Any = None,
-                       metadata: Any = None) -> np.ndarray:
+                       metadata: Any = None) -> _LazyTensor:
   """`torch._utils._rebuild_tensor_v2`; autograd flags and hooks mean nothing to numpy."""
   del requires_grad, backward_hooks, metadata
   return _rebuild_tensor(storage, storage_offset, size, stride)
@@ -239,7 +293,7 @@ def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any
 
 def _rebuild_tensor_v3(storage: Any, storage_offset: Any, size: Any, stride: Any,
                        requires_grad: Any, backward_hooks: Any, dtype: Any,
-                       metadata: Any = None) -> np.ndarray:
+                       metadata: Any = None) -> _LazyTensor:
   """`torch._utils._rebuild_tensor_v3`: an untyped storage read as `dtype` (uint16, fp8...)."""
   del requires_grad, backward_hooks, metadata
   if not isinstance(dtype, np.dtype):
@@ -247,20 +301,20 @@ def _rebuild_tensor_v3(storage: Any, storage_offset: Any, size: Any, stride: Any
   return _view_storage(storage, dtype, storage_offset, size, stride)
 
 
-def _require_array(data: Any) -> np.ndarray:
-  if not isinstance(data, np.ndarray):
+def _require_array(data: Any) -> _LazyTensor:
+  if not isinstance(data, _LazyTensor):
     raise ValueError(f"parameter data is a {type(data).__name__}, not a tensor")
   return data
 
 
-def _rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any) -> np.ndarray:
+def _rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any) -> _LazyTensor:
   """`torch._utils._rebuild_parameter`: an nn.Parameter is its tensor."""
   del requires_grad, backward_hooks
   return _require_array(data)
 
 
 def _rebuild_parameter_with_state(data: Any, requires_grad: Any, backward_hooks: Any,
-                                  state: Any) -> np.ndarray:
+                                  state: Any) -> _LazyTensor:
   """`torch._utils._rebuild_parameter_with_state`: Python attributes of the parameter dropped."""
   del requires_grad, backward_hooks, state
   return _require_array(data)
@@ -381,7 +435,7 @@ def _open_zip(path: str) -> zipfile.ZipFile:
 
 
 class _Archive:
-  """An open checkpoint zip: where its records are, and the storages already read."""
+  """An open checkpoint zip: where its records are, and how the kept tensors are read."""
 
   def __init__(self, path: str, zip_file: zipfile.ZipFile):
     self.path = path
@@ -389,7 +443,6 @@ class _Archive:
     self._names = frozenset(zip_file.namelist())
     self._prefix = self._find_prefix()
     self._byteorder = self._read_byteorder()
-    self._records: dict[str, bytes] = {}  # Storage key -> bytes; each record is read once.
 
   def _error(self, problem: str) -> CheckpointFormatError:
     return CheckpointFormatError(f"{self.path}: {problem}")
@@ -405,13 +458,36 @@ class _Archive:
           f"{len(names)} entries {names[:5]!r}")
     return pickles[0][:-len("data.pkl")]
 
+  def _read_error(self, name: str, e: Exception) -> CheckpointFormatError:
+    return self._error(f"cannot read record {name!r} ({type(e).__name__}: {e}); the file "
+                       f"may be truncated or corrupt")
+
   def _read(self, name: str) -> bytes:
     """One record's bytes; a truncated or corrupt record is a format error."""
     try:
       return self._zip.read(name)
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, OSError) as e:
-      raise self._error(f"cannot read record {name!r} ({type(e).__name__}: {e}); the file "
-                        f"may be truncated or corrupt") from e
+      raise self._read_error(name, e) from e
+
+  def _read_into(self, name: str, out: np.ndarray) -> None:
+    """Fills `out` (C-contiguous, exactly the record's size) with the record's bytes.
+
+    No intermediate `bytes`: the record goes straight into the array that is returned. Reading
+    the record to its end makes zipfile check its CRC, as `read` does.
+    """
+    buffer = memoryview(out.reshape(-1).view(np.uint8))
+    try:
+      with self._zip.open(name) as f:
+        filled = 0
+        while filled < len(buffer):
+          n = f.readinto(buffer[filled:])
+          if not n:
+            raise EOFError(f"record ends after {filled} of {len(buffer)} bytes")
+          filled += n
+        if f.read(1):
+          raise zipfile.BadZipFile("record is longer than its directory entry says")
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, OSError) as e:
+      raise self._read_error(name, e) from e
 
   def _read_byteorder(self) -> str:
     """"<" or ">"; files written before torch recorded it were little-endian."""
@@ -423,8 +499,12 @@ class _Archive:
       raise self._error(f"unknown byteorder record {order!r}")
     return "<" if order == b"little" else ">"
 
-  def storage(self, pid: Any) -> _Storage:
-    """Resolves a persistent id ('storage', storage type, key, location, numel)."""
+  def storage(self, pid: Any) -> _StorageRef:
+    """Resolves a persistent id ('storage', storage type, key, location, numel), unread.
+
+    The record's size comes from the zip directory, so a short record is an error here, at
+    unpickling, although its bytes are read only if a kept tensor needs them.
+    """
     if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
       raise self._error(f"unsupported persistent id {pid!r} in data.pkl")
     _, storage_type, key, _, numel = pid
@@ -433,19 +513,20 @@ class _Archive:
     if not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
       raise self._error(f"malformed storage reference {pid!r}")
     name = f"{self._prefix}data/{key}"
-    if key not in self._records:
-      if name not in self._names:
-        raise self._error(f"storage record {name!r} is missing from the archive")
-      self._records[key] = self._read(name)
-    record = self._records[key]
+    if name not in self._names:
+      raise self._error(f"storage record {name!r} is missing from the archive")
+    size = self._zip.getinfo(name).file_size
     nbytes = numel * storage_type.dtype.itemsize
-    if len(record) < nbytes:
-      raise self._error(f"storage record {name!r} is too short: {len(record)} bytes, but the "
+    if size < nbytes:
+      raise self._error(f"storage record {name!r} is too short: {size} bytes, but the "
                         f"pickle needs {numel} x {storage_type.dtype} = {nbytes} bytes")
-    return _Storage(key, memoryview(record)[:nbytes], storage_type.dtype, self._byteorder)
+    return _StorageRef(key, name, nbytes, storage_type.dtype)
 
   def unpickle(self) -> Any:
-    """Loads data.pkl; any failure of the pickle itself becomes a CheckpointFormatError."""
+    """Loads data.pkl with every tensor a `_LazyTensor`; nothing else is read.
+
+    Any failure of the pickle itself becomes a CheckpointFormatError.
+    """
     data = self._read(self._prefix + "data.pkl")
     try:
       return _RestrictedUnpickler(io.BytesIO(data), self).load()
@@ -453,6 +534,75 @@ class _Archive:
       raise
     except Exception as e:  # A corrupt or hostile pickle can fail in any way.
       raise self._error(f"malformed data.pkl ({type(e).__name__}: {e})") from e
+
+  def materialize(self, obj: Any) -> Any:
+    """`obj` with every lazy tensor (and bare storage) read, in place where containers allow.
+
+    Each storage record is read once: straight into the tensor's own array when the tensor is
+    the whole storage in native byte order, else into a buffer kept only until the last tensor
+    viewing it is built. Peak memory is therefore the tensors of `obj` plus one record.
+    """
+    leaves: dict[int, Any] = {}  # One result per leaf object the pickle may share.
+    _walk(obj, lambda leaf: leaves.setdefault(id(leaf), leaf))
+    users = collections.Counter(leaf.storage.key if isinstance(leaf, _LazyTensor) else leaf.key
+                                for leaf in leaves.values())
+    buffers: dict[str, _Storage] = {}
+    results: dict[int, Any] = {}
+
+    def read(leaf: _LazyTensor | _StorageRef) -> np.ndarray | _Storage:
+      if id(leaf) not in results:
+        results[id(leaf)] = read_once(leaf)
+      return results[id(leaf)]
+
+    def read_once(leaf: _LazyTensor | _StorageRef) -> np.ndarray | _Storage:
+      ref = leaf.storage if isinstance(leaf, _LazyTensor) else leaf
+      users[ref.key] -= 1
+      if (isinstance(leaf, _LazyTensor) and ref.key not in buffers and users[ref.key] == 0 and
+          leaf.whole_storage and self._zip.getinfo(ref.name).file_size == ref.nbytes and
+          (self._byteorder == _NATIVE_ORDER or leaf.dtype.itemsize == 1)):
+        array = np.empty(leaf.shape, leaf.dtype)
+        self._read_into(ref.name, array)
+        return array
+      if ref.key not in buffers:
+        buffers[ref.key] = _Storage(ref.key, memoryview(self._read(ref.name))[:ref.nbytes],
+                                    ref.dtype, self._byteorder)
+      storage = buffers[ref.key] if users[ref.key] else buffers.pop(ref.key)
+      return leaf.view(storage) if isinstance(leaf, _LazyTensor) else storage
+
+    return _walk(obj, read)
+
+
+_NATIVE_ORDER = "<" if sys.byteorder == "little" else ">"
+
+
+def _walk(obj: Any, visit: Any) -> Any:
+  """Replaces each `_LazyTensor` / `_StorageRef` leaf of `obj` by `visit(leaf)`.
+
+  Dicts, lists and OpaqueObjects are updated in place (so objects the pickle shares stay
+  shared, and cycles end); tuples are rebuilt. Each mutable container is visited once.
+  """
+  seen: set[int] = set()
+
+  def go(node: Any) -> Any:
+    if isinstance(node, (_LazyTensor, _StorageRef)):
+      return visit(node)
+    if isinstance(node, tuple):
+      return type(node)(go(x) for x in node) if type(node) is tuple else node
+    if not isinstance(node, (dict, list, OpaqueObject)) or id(node) in seen:
+      return node
+    seen.add(id(node))
+    if isinstance(node, dict):
+      for key, value in node.items():
+        node[key] = go(value)
+    elif isinstance(node, list):
+      node[:] = [go(x) for x in node]
+    else:
+      node.args, node.kwargs, node.state = go(node.args), go(node.kwargs), go(node.state)
+      go(node.dictitems)
+      go(node.listitems)
+    return node
+
+  return go(obj)
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -476,12 +626,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
       self._opaque_classes[key] = _opaque_class(module, name)
     return self._opaque_classes[key]
 
-  def persistent_load(self, pid: Any) -> _Storage:
+  def persistent_load(self, pid: Any) -> _StorageRef:
     return self._archive.storage(pid)
 
 
 def load_torch_checkpoint(path: PathLike) -> Any:
   """Loads a `torch.save` zip checkpoint with tensors as numpy arrays, without torch.
+
+  Reads every tensor of the file; `load_state_dict` reads only the weights.
 
   Args:
     path: a `.ckpt` / `.pt` file written by `torch.save` (torch >= 1.6 zip format).
@@ -499,12 +651,42 @@ def load_torch_checkpoint(path: PathLike) -> Any:
   """
   path = os.fspath(path)
   with _open_zip(path) as zip_file:
-    return _Archive(path, zip_file).unpickle()
+    archive = _Archive(path, zip_file)
+    return archive.materialize(archive.unpickle())
+
+
+def load_state_dict(path: PathLike) -> dict[str, np.ndarray]:
+  """The name -> array weights of a checkpoint, reading no other tensor of the file.
+
+  `state_dict_from_checkpoint(load_torch_checkpoint(path), path)` without its cost: the
+  optimizer moments, EMA copies of other modules or callback state that Lightning stores beside
+  "state_dict" stay unread, and each weight is read straight into its own array. Converting a
+  multi-GB training checkpoint thus needs about the memory of its weights, not of the file.
+
+  Raises:
+    UnsafeCheckpointError, CheckpointFormatError: as `load_torch_checkpoint` and
+      `state_dict_from_checkpoint`.
+  """
+  path = os.fspath(path)
+  with _open_zip(path) as zip_file:
+    archive = _Archive(path, zip_file)
+    obj = archive.unpickle()
+    source, where = _weights_source(obj)
+    if isinstance(source, Mapping):
+      source = archive.materialize(dict(source))
+    return _state_dict(source, where, path)
 
 
 def _is_undecoded_tensor(value: Any) -> bool:
   """Whether `value` stands for a torch tensor this reader cannot decode (sparse, quantized)."""
   return isinstance(value, OpaqueObject) and value.module.split(".")[0] == "torch"
+
+
+def _weights_source(obj: Any) -> tuple[Any, str]:
+  """Where the weights are: Lightning's "state_dict" entry, or the object itself."""
+  if isinstance(obj, Mapping) and "state_dict" in obj:
+    return obj["state_dict"], "its 'state_dict' entry"
+  return obj, "the checkpoint"
 
 
 def state_dict_from_checkpoint(obj: Any, path: PathLike) -> dict[str, np.ndarray]:
@@ -526,11 +708,11 @@ def state_dict_from_checkpoint(obj: Any, path: PathLike) -> dict[str, np.ndarray
     CheckpointFormatError: no mapping of tensors was found, a key is not a string, or an
       entry is a tensor of an unsupported kind.
   """
-  path = os.fspath(path)
-  if isinstance(obj, Mapping) and "state_dict" in obj:
-    source, where = obj["state_dict"], "its 'state_dict' entry"
-  else:
-    source, where = obj, "the checkpoint"
+  source, where = _weights_source(obj)
+  return _state_dict(source, where, os.fspath(path))
+
+
+def _state_dict(source: Any, where: str, path: str) -> dict[str, np.ndarray]:
   if not isinstance(source, Mapping):
     raise CheckpointFormatError(
         f"{path}: {where} is a {type(source).__name__}, not a dict of tensors")
