@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 
-from sdseg_jax import multiclass
+from sdseg_jax import optim
 from sdseg_jax import sharding as sharding_lib
 from sdseg_jax import step as step_lib
 from sdseg_jax.models import model_config as model_config_lib
@@ -151,7 +151,7 @@ def build_program(config: ml_collections.ConfigDict, devices: Sequence[Any]) -> 
     raise AotError(f"config.train.global_batch_size={gb} must be divisible by the number of "
                    f"chips ({mesh.size}) and hosts ({hosts})")
   model = sdseg.build(config.model)
-  tx = multiclass.make_optimizer(config)
+  tx = optim.make_optimizer(config)
   layout = sharding_lib.train_layout(model, tx, mesh, config.mesh.strategy)  # as train.run
   return Program(config, mesh, model, tx, layout.params, layout.param_shardings, layout.vae,
                  layout.vae_shardings, layout.state, layout.state_shardings)
