@@ -61,6 +61,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from sdseg_jax import storage
+from sdseg_jax import tree_fit
 
 _STATE = "state"
 _DATA = "data"
@@ -105,22 +106,6 @@ class _DataStateHolder:
 
   def start_prefetch(self) -> None:
     """Called by grain's handler after `set_state`; there is nothing to prefetch here."""
-
-
-def _path_names(path: tuple[Any, ...]) -> str:
-  """Key path as "a/b/0", so a dataclass field, a NamedTuple field and a dict key compare
-  equal (orbax stores dataclasses and NamedTuples as dicts, tuples as lists)."""
-  return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
-def _stored_shape(leaf: Any) -> tuple[int, ...] | None:
-  """Shape as orbax stores the leaf: PRNG key arrays are stored as their key data."""
-  if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
-    return None
-  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-    return tuple(jax.eval_shape(jax.random.key_data,
-                                jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)).shape)
-  return tuple(leaf.shape)
 
 
 def _as_abstract(leaf: Any) -> Any:
@@ -309,12 +294,8 @@ class Checkpointer:
     return int(step)
 
   def _check_fits(self, step: int, abstract_state: Any, subtree: bool = False) -> None:
-    """Compares the stored tree (structure and shapes) with the abstract state, leaf by leaf.
-
-    Orbax would catch a shape mismatch itself, but only one array at a time and deep inside
-    tensorstore; a structure mismatch (e.g. a different optimizer) gives cryptic errors. This
-    reads only metadata and reports all differences with their paths.
-    """
+    """Stored tree (structure and shapes) vs the abstract state, from metadata only: every
+    difference with its path (`tree_fit`), before orbax reads any array."""
     where = self._step_dir(step)
     try:
       stored = self._manager.item_metadata(step)[_STATE]
@@ -323,21 +304,8 @@ class Checkpointer:
                             f"({_describe(e)})") from e
     if stored is None:
       raise CheckpointError(f"{where}: step {step} has no readable '{_STATE}' item")
-    stored_tree = getattr(stored, "tree", stored)
-    stored_shapes = {_path_names(p): tuple(getattr(leaf, "shape", ()) or ())
-                     for p, leaf in jax.tree_util.tree_flatten_with_path(stored_tree)[0]}
-    wanted_shapes = {_path_names(p): _stored_shape(leaf)
-                     for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
-    missing = sorted(set(wanted_shapes) - set(stored_shapes))
-    unexpected = [] if subtree else sorted(set(stored_shapes) - set(wanted_shapes))
-    wrong = sorted(k for k in set(wanted_shapes) & set(stored_shapes)
-                   if wanted_shapes[k] is not None and wanted_shapes[k] != stored_shapes[k])
-    details = [f"{len(keys)} {what}, e.g. {keys[:3]}" for keys, what in (
-        (missing, "leaves missing from the checkpoint"),
-        (unexpected, "unexpected leaves in the checkpoint")) if keys]
-    if wrong:
-      details.append("shape mismatch " + ", ".join(
-          f"{k}: checkpoint {stored_shapes[k]} vs expected {wanted_shapes[k]}" for k in wrong[:3]))
+    details = tree_fit.mismatches(getattr(stored, "tree", stored), abstract_state,
+                                  subtree=subtree)
     if details:
       raise CheckpointError(f"{where}: step {step} does not fit the requested state: "
                             + "; ".join(details))

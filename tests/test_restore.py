@@ -53,7 +53,7 @@ def test_a_checkpoint_of_another_model_is_named(tmp_path):
   workdir = trained_run.workdir()
   config = config_lib.load(workdir)
   with config.unlocked():
-    config.model.unet.model_channels = 16  # not what the checkpoint holds
+    config.model.unet.model_channels = 64  # not what the checkpoint holds
   moved = tmp_path / "run"
   config_lib.dump(config, moved)
   (moved / "checkpoints").symlink_to(workdir / "checkpoints")
