@@ -1,5 +1,7 @@
 """The evaluator plug-ins' shared pieces: registry, host gather, per-case ledger, noise draw."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,3 +97,36 @@ def test_the_noise_draw_equals_the_draws_it_replaced():
   old_run = jax.random.normal(jax.random.key(11), (1, s, s, c), jnp.float32)
   np.testing.assert_array_equal(inference.run_noise(model, 11), old_run)
   assert inference.draw_noise(model, key, 5).dtype == jnp.float32
+
+
+class _Fixed(common.Evaluator):
+  SCALARS = ("dice", "iou")
+
+  def __init__(self, dice):
+    self.dice, self.calls = dice, []
+
+  def run(self, params, vae_params, scale_factor):
+    self.calls.append((params, scale_factor))
+    return {"dice": self.dice, "iou": self.dice / 2, "num_cases": 3, "panels": []}
+
+
+class _Writer:
+  def __init__(self):
+    self.rows = []
+
+  def write(self, step, scalars):
+    self.rows.append((step, dict(scalars)))
+
+
+def test_training_runs_every_listed_evaluator_under_its_prefix(tmp_path):
+  from sdseg_jax import train  # pylint: disable=g-import-not-at-top
+  state = types.SimpleNamespace(ema_unet="ema", params={"unet": "live", "vision_encoder": "enc"},
+                                scale_factor=0.5)
+  evals = [("eval", _Fixed(0.8)), ("extra", _Fixed(0.4))]
+  writer = _Writer()
+  got = train._evaluate(evals, state, None, base.get_config(), tmp_path, writer, 10)  # pylint: disable=protected-access
+  assert got == {"eval/dice": 0.8, "eval/iou": 0.4, "extra/dice": 0.4, "extra/iou": 0.2}
+  assert [sorted(row) for _, row in writer.rows] == [
+      ["eval/dice", "eval/iou", "eval/seconds"], ["extra/dice", "extra/iou", "extra/seconds"]]
+  # The EMA UNet with the live vision encoder, as the official evaluation.
+  assert evals[0][1].calls == [({"unet": "ema", "vision_encoder": "enc"}, 0.5)]

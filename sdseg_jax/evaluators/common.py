@@ -16,6 +16,7 @@ predict and the benchmark all use it).
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import io
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -34,7 +35,7 @@ from sdseg_jax import storage
 NAME_BYTES = 128
 
 
-class Evaluator:
+class Evaluator(abc.ABC):
   """What every evaluator plug-in offers (see `sdseg_jax.evaluators`).
 
   Built as `Evaluator(model, mesh, loader, **options)`; `run(params, vae_params,
@@ -45,8 +46,9 @@ class Evaluator:
 
   SCALARS: Tuple[str, ...] = ()
 
+  @abc.abstractmethod
   def run(self, params: Any, vae_params: Any, scale_factor: Any) -> Dict[str, Any]:
-    raise NotImplementedError
+    """Scores the evaluator's loader with these inference weights."""
 
   def scalars(self, result: Mapping[str, Any]) -> Dict[str, float]:
     return {name: float(result[name]) for name in self.SCALARS}
