@@ -5,7 +5,9 @@ train states) and, once training finished, export/inference.npz. Inference needs
 the LIVE vision encoder (the official evaluation uses the EMA only for the UNet), the latent
 scale factor of the run and the frozen VAE, which is never checkpointed but referenced: by
 config.init.vae, config.init.sdseg or WORKDIR/pretrained_vae.npz (the demo's pre-trained VAE),
-or, for the export bundle, by the bundle's own `vae_reference` (checked by SHA-256).
+or, for the export bundle, by the bundle's own `vae_reference` (checked by SHA-256). From a
+training checkpoint only those leaves are read (orbax partial restore through a read-only
+`checkpoint.Checkpointer`): the optimizer and the full train state are never built.
 
 `--checkpoint` selects the weights: "best" (by the in-training validation Dice), "last" (the
 newest step), an integer step, or "export" (the bundle). Every failure is a `RestoreError`

@@ -103,7 +103,7 @@ def compute_scale_factor(model: sdseg.SDSeg, vae_params: Any, mask: jax.Array,
 def _load_vae(config, model, workdir, mesh, abstract_vae, vae_sh, rng) -> Any:
   """The frozen VAE: converted kl-f8, a converted SDSeg checkpoint, or the demo's pretraining."""
   path, what = vae_pretrain.frozen_vae_source(config, workdir)
-  if config.init.vae or config.init.sdseg or path.is_file():
+  if path.is_file() or path != vae_pretrain.saved_path(workdir):  # configured files must exist
     return loading.place(loading.read(str(path), "vae", abstract_vae, what), vae_sh)
   logging.info("no kl-f8 weights configured: pre-training the VAE on the training masks "
                "for %d steps", config.init.pretrain_vae_steps)
