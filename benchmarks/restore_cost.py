@@ -19,8 +19,11 @@ import time
 def make(workdir: pathlib.Path) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   from configs import demo  # pylint: disable=g-import-not-at-top
-  from sdseg_jax import checkpoint, config_lib, optim  # pylint: disable=g-import-not-at-top
+  from sdseg_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from sdseg_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from sdseg_jax import optim  # pylint: disable=g-import-not-at-top
   from sdseg_jax import state as state_lib  # pylint: disable=g-import-not-at-top
   from sdseg_jax.models import sdseg  # pylint: disable=g-import-not-at-top
   from sdseg_jax.weights import artifacts  # pylint: disable=g-import-not-at-top
@@ -39,6 +42,7 @@ def make(workdir: pathlib.Path) -> None:
 
 def load(workdir: pathlib.Path) -> None:
   import jax  # pylint: disable=g-import-not-at-top
+
   from sdseg_jax import restore  # pylint: disable=g-import-not-at-top
   jax.numpy.zeros(1).block_until_ready()
   before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
