@@ -258,6 +258,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.num_panels = 4
   # Dice convention: "official" (both empty -> 0) or "both_empty_is_one".
   config.eval.empty_convention = "official"
+  # Evaluators run every eval.every_steps on eval.split, keyed by the prefix of their logged
+  # metrics: {prefix: {"type": dice | multiclass | stability, **options}} (sdseg_jax/evaluators).
+  # "eval/dice" (from the default below) ranks the checkpoints kept as "best".
+  config.evals = ml_collections.ConfigDict({"eval": {"type": "dice"}})
 
   # ---- checkpoints ----------------------------------------------------------------------------
   config.checkpoint = ml_collections.ConfigDict()

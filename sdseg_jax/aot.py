@@ -36,7 +36,7 @@ from ml_collections import config_flags
 
 from sdseg_jax import compiled_cost
 from sdseg_jax import errors
-from sdseg_jax import multiclass
+from sdseg_jax import optim
 from sdseg_jax import sharding as sharding_lib
 from sdseg_jax import step as step_lib
 from sdseg_jax.bench import machine
@@ -119,7 +119,7 @@ def build_program(config: ml_collections.ConfigDict, devices: Sequence[Any]) -> 
     raise AotError(f"config.train.global_batch_size={gb} must be divisible by the number of "
                    f"chips ({mesh.size}) and hosts ({hosts})")
   model = sdseg.build(config.model)
-  tx = multiclass.make_optimizer(config)
+  tx = optim.make_optimizer(config)
   layout = sharding_lib.train_layout(model, tx, mesh, config.mesh.strategy)  # as train.run
   return Program(config, mesh, model, tx, layout.params, layout.param_shardings, layout.vae,
                  layout.vae_shardings, layout.state, layout.state_shardings)

@@ -1,4 +1,4 @@
-"""Training checkpoints (orbax) and the standalone inference bundle.
+"""Training checkpoints (orbax); the standalone inference bundle is `sdseg_jax.export`.
 
 A training checkpoint is one orbax step directory `<directory>/<step>/` with three items:
 
@@ -27,11 +27,15 @@ Why these choices:
     never silently fall back to training from scratch.
   * Frozen weights (the VAE) are not part of the train state, so they are never checkpointed.
 
-Multi-host: every process must call `save`, `restore`, `wait_until_finished`, `close` and
-`export_inference` with the same arguments, in the same order. Orbax synchronises the processes,
-each process writes the array shards it owns and its own data-iterator file, and only the primary
-process (0) writes the JSON metadata (`meta`, `metrics`, orbax's step metadata) and the inference
-bundle.
+Inference reads (evaluate, predict, stability) open the directory with `read_only=True` and
+`restore_subtree`: orbax's partial restore reads only the requested leaves (EMA UNet, vision
+encoder, scale factor), so neither the optimizer nor a full train state is built, and a run
+still writing into the directory is not disturbed (no cleanup of its temporary directories).
+
+Multi-host: every process must call `save`, `restore`, `wait_until_finished` and `close` with
+the same arguments, in the same order. Orbax synchronises the processes, each process writes the
+array shards it owns and its own data-iterator file, and only the primary process (0) writes
+the JSON metadata (`meta`, `metrics`, orbax's step metadata).
 
 Async saves: with `async_save=True`, `save` returns once device arrays are copied to host memory,
 and the files are written in a background thread; the caller may then donate or overwrite the
@@ -42,9 +46,7 @@ preemption notices.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -56,84 +58,21 @@ from absl import logging
 from etils import epath
 import grain.checkpoint as grain_checkpoint
 import jax
-import jax.numpy as jnp
-from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
 from sdseg_jax import errors
+from sdseg_jax.checkpoint_data import DataStateHolder as _DataStateHolder
 from sdseg_jax import storage
-from sdseg_jax.weights import artifacts
+from sdseg_jax import tree_fit
 
 _STATE = "state"
 _DATA = "data"
 _META = "meta"
-_INFERENCE_FORMAT = "sdseg_jax.inference"
-_INFERENCE_VERSION = 1
 
 
 class CheckpointError(errors.UserFacingError, ValueError):
   """A checkpoint is missing, corrupt, unfinished, or does not fit the requested state."""
-
-
-class _DataStateHolder:
-  """Presents a saved iterator state as the iterator object grain's orbax handler expects.
-
-  grain's `CheckpointHandler` calls `get_state()` / `set_state()` / `start_prefetch()` on a live
-  iterator. Passing the state *value* instead keeps `Checkpointer` independent of how the lead
-  builds its loader, and lets `restore` hand the state back before the loader exists. The value
-  is wrapped in a small JSON envelope so bytes (DataLoaderIterator) and dicts (DatasetIterator)
-  both round-trip to their original type.
-  """
-
-  def __init__(self, value: Any = None):
-    self.value = value
-
-  def get_state(self) -> bytes:
-    if isinstance(self.value, (bytes, bytearray)):
-      envelope = {"kind": "bytes", "value": base64.b64encode(bytes(self.value)).decode("ascii")}
-    elif isinstance(self.value, str):
-      envelope = {"kind": "str", "value": self.value}
-    else:
-      envelope = {"kind": "json", "value": self.value}
-    return json.dumps(envelope).encode()
-
-  def set_state(self, state: bytes) -> None:
-    envelope = json.loads(state.decode())
-    kind, value = envelope["kind"], envelope["value"]
-    if kind == "bytes":
-      self.value = base64.b64decode(value)
-    elif kind in ("str", "json"):
-      self.value = value
-    else:
-      raise ValueError(f"unknown data-state kind {kind!r}")
-
-  def start_prefetch(self) -> None:
-    """Called by grain's handler after `set_state`; there is nothing to prefetch here."""
-
-
-def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
-  """Key path as plain names, so a dataclass field, a NamedTuple field and a dict key compare
-  equal (orbax stores dataclasses and NamedTuples as dicts, tuples as lists)."""
-  names = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        names.append(str(getattr(key, attr)))
-        break
-    else:
-      names.append(str(key))
-  return tuple(names)
-
-
-def _stored_shape(leaf: Any) -> tuple[int, ...] | None:
-  """Shape as orbax stores the leaf: PRNG key arrays are stored as their key data."""
-  if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
-    return None
-  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-    return tuple(jax.eval_shape(jax.random.key_data,
-                                jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)).shape)
-  return tuple(leaf.shape)
 
 
 def _as_abstract(leaf: Any) -> Any:
@@ -180,7 +119,10 @@ class Checkpointer:
                keep_best: bool = True,
                best_metric: str = "eval/dice",
                best_mode: str = "max",
-               async_save: bool = True):
+               async_save: bool = True,
+               read_only: bool = False):
+    """`read_only`: for inference; never writes, deletes or cleans up anything (a training run
+    may be saving into the same directory), and only `restore_subtree` reads the state."""
     if keep_last < 1:
       raise ValueError(f"keep_last must be >= 1 (the latest step is needed to resume), "
                        f"got {keep_last}")
@@ -202,15 +144,17 @@ class Checkpointer:
         best_fn=self._metric_value,
         best_mode=best_mode,
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,
-        create=True,
+        enable_async_checkpointing=async_save and not read_only,
+        cleanup_tmp_directories=not read_only,
+        create=not read_only,
+        read_only=read_only,
     )
     self._manager = ocp.CheckpointManager(
         self._directory,
         options=options,
         item_handlers={
-            _STATE: ocp.StandardCheckpointHandler(),
+            # Same files as StandardCheckpointHandler; the PyTree handler can read a subtree.
+            _STATE: ocp.PyTreeCheckpointHandler() if read_only else ocp.StandardCheckpointHandler(),
             _DATA: grain_checkpoint.CheckpointHandler(),
             _META: ocp.JsonCheckpointHandler(),
         },
@@ -319,13 +263,9 @@ class Checkpointer:
                             f"steps: {self.all_steps()}")
     return int(step)
 
-  def _check_fits(self, step: int, abstract_state: Any) -> None:
-    """Compares the stored tree (structure and shapes) with the abstract state, leaf by leaf.
-
-    Orbax would catch a shape mismatch itself, but only one array at a time and deep inside
-    tensorstore; a structure mismatch (e.g. a different optimizer) gives cryptic errors. This
-    reads only metadata and reports all differences with their paths.
-    """
+  def _check_fits(self, step: int, abstract_state: Any, subtree: bool = False) -> None:
+    """Stored tree (structure and shapes) vs the abstract state, from metadata only: every
+    difference with its path (`tree_fit`), before orbax reads any array."""
     where = self._step_dir(step)
     try:
       stored = self._manager.item_metadata(step)[_STATE]
@@ -334,27 +274,9 @@ class Checkpointer:
                             f"({_describe(e)})") from e
     if stored is None:
       raise CheckpointError(f"{where}: step {step} has no readable '{_STATE}' item")
-    stored_tree = getattr(stored, "tree", stored)
-    stored_shapes = {_path_names(p): tuple(getattr(leaf, "shape", ()) or ())
-                     for p, leaf in jax.tree_util.tree_flatten_with_path(stored_tree)[0]}
-    wanted_shapes = {_path_names(p): _stored_shape(leaf)
-                     for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
-    missing = sorted(set(wanted_shapes) - set(stored_shapes))
-    unexpected = sorted(set(stored_shapes) - set(wanted_shapes))
-    wrong = sorted(k for k in set(wanted_shapes) & set(stored_shapes)
-                   if wanted_shapes[k] is not None and wanted_shapes[k] != stored_shapes[k])
-    if missing or unexpected or wrong:
-      details = []
-      if missing:
-        details.append(f"{len(missing)} leaves missing from the checkpoint, e.g. "
-                       f"{['/'.join(k) for k in missing[:3]]}")
-      if unexpected:
-        details.append(f"{len(unexpected)} unexpected leaves in the checkpoint, e.g. "
-                       f"{['/'.join(k) for k in unexpected[:3]]}")
-      if wrong:
-        details.append("shape mismatch " + ", ".join(
-            f"{'/'.join(k)}: checkpoint {stored_shapes[k]} vs expected {wanted_shapes[k]}"
-            for k in wrong[:3]))
+    details = tree_fit.mismatches(getattr(stored, "tree", stored), abstract_state,
+                                  subtree=subtree)
+    if details:
       raise CheckpointError(f"{where}: step {step} does not fit the requested state: "
                             + "; ".join(details))
 
@@ -407,6 +329,24 @@ class Checkpointer:
     data_state = holder.value if (has_data and restore_data_state) else None
     return restored[_STATE], data_state, dict(meta["extra"])
 
+  def restore_subtree(self, abstract_subtree: Any, step: int) -> Any:
+    """Reads only the leaves of `abstract_subtree` (same nesting as the saved state, as dicts,
+    e.g. {"ema_unet": ..., "scale_factor": ...}) of `step`, into their shardings.
+
+    Orbax partial restore: the other leaves (optimizer moments, live UNet, ...) are never read.
+    Raises CheckpointError naming the step directory when a leaf is missing or misshapen.
+    """
+    where = self._step_dir(step)
+    self._check_fits(step, abstract_subtree, subtree=True)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_subtree)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{
+          _STATE: ocp.args.PyTreeRestore(item=abstract_subtree, restore_args=restore_args,
+                                         partial_restore=True)}))
+    except Exception as e:  # Corruption surfaces as OSError, ValueError, tensorstore errors...
+      raise CheckpointError(f"{where}: failed to restore step {step} ({_describe(e)})") from e
+    return restored[_STATE]
+
   def wait_until_finished(self) -> None:
     """Blocks until the in-flight async save is committed (re-raises its error, if any)."""
     with self._writing(None):
@@ -454,97 +394,3 @@ class Checkpointer:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
-
-
-# ----------------------------------------------------------------------------------------------
-# Inference bundle.
-
-
-def _to_host(tree: Any) -> Any:
-  """Gathers (possibly multi-host sharded) arrays to full numpy arrays on every process.
-
-  bfloat16 is widened to float32 (exact) because the npz bundle is read with numpy alone.
-  """
-  def leaf_to_host(x: Any) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      x = multihost_utils.process_allgather(x, tiled=True)
-    x = np.asarray(x)
-    if x.dtype == jnp.bfloat16:
-      x = x.astype(np.float32)
-    return x
-  return jax.tree_util.tree_map(leaf_to_host, tree)
-
-
-def _sha256(path: epath.Path) -> str:
-  with path.open("rb") as f:  # local or gs:// (a buffered reader either way)
-    return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def export_inference(path: os.PathLike | str,
-                     *,
-                     unet_params: Mapping[str, Any],
-                     vision_encoder_params: Mapping[str, Any],
-                     scale_factor: float,
-                     model_config_json: str,
-                     vae_reference: str) -> None:
-  """Writes the small standalone inference bundle: one npz file, atomically.
-
-  It holds the (EMA) UNet and vision-encoder parameters, the latent scale factor and the model
-  config, but NOT the frozen VAE weights (hundreds of MB, shared by all runs) and no optimizer
-  state: only `vae_reference` (a path or name) and, when it is a local file, its SHA-256 so a
-  later load can detect a swapped VAE. Params are nested mappings of arrays (linen-style dicts).
-
-  All processes must call this (sharded params are gathered collectively); process 0 writes.
-  """
-  try:
-    json.loads(model_config_json)
-  except (TypeError, json.JSONDecodeError) as e:
-    raise ValueError(f"model_config_json is not valid JSON: {e}") from e
-  tree = {"unet": _to_host(unet_params), "vision_encoder": _to_host(vision_encoder_params)}
-  if jax.process_index() == 0:
-    vae_file = storage.path(vae_reference)
-    meta = {
-        "format": _INFERENCE_FORMAT,
-        "version": _INFERENCE_VERSION,
-        "scale_factor": float(scale_factor),
-        "model_config_json": model_config_json,
-        "vae_reference": str(vae_reference),
-        "vae_sha256": _sha256(vae_file) if vae_file.is_file() else None,
-    }
-    artifacts.save(path, tree, meta)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f"sdseg_jax.export_inference:{path}")
-
-
-def load_inference(path: os.PathLike | str) -> dict[str, Any]:
-  """Reads a bundle written by `export_inference`.
-
-  Returns:
-    dict with unet_params, vision_encoder_params (nested dicts of numpy arrays), scale_factor,
-    model_config_json, vae_reference, vae_sha256 (None if the VAE was not a local file).
-
-  Raises:
-    CheckpointError: naming the file, if it is missing, unreadable or not an inference bundle.
-  """
-  try:
-    tree, meta = artifacts.load(path)
-  except artifacts.ArtifactError as e:
-    raise CheckpointError(f"inference bundle {e}") from e
-  if meta.get("format") != _INFERENCE_FORMAT:
-    raise CheckpointError(f"{path}: not an sdseg_jax inference bundle "
-                          f"(format {meta.get('format')!r})")
-  if meta.get("version") != _INFERENCE_VERSION:
-    raise CheckpointError(f"{path}: inference bundle version {meta.get('version')!r}, this code "
-                          f"reads version {_INFERENCE_VERSION}")
-  missing = [k for k in ("unet", "vision_encoder") if k not in tree]
-  missing += [k for k in ("scale_factor", "model_config_json", "vae_reference") if k not in meta]
-  if missing:
-    raise CheckpointError(f"{path}: inference bundle is missing {missing}")
-  return {
-      "unet_params": tree["unet"],
-      "vision_encoder_params": tree["vision_encoder"],
-      "scale_factor": float(meta["scale_factor"]),
-      "model_config_json": meta["model_config_json"],
-      "vae_reference": meta["vae_reference"],
-      "vae_sha256": meta.get("vae_sha256"),
-  }

@@ -37,16 +37,12 @@ from typing import Any, Dict, Optional, Sequence
 
 from etils import epath
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
 from sdseg_jax import errors
-from sdseg_jax import evaluator as evaluator_lib
+from sdseg_jax import evaluators
 from sdseg_jax import metrics as metrics_lib
-from sdseg_jax import multiclass
 from sdseg_jax import restore
-from sdseg_jax import sharding as sharding_lib
 from sdseg_jax import storage
 from sdseg_jax.data import pipeline
 
@@ -96,9 +92,9 @@ def evaluate(run: restore.Run, split: str = "test", *, ddim_steps: int = 0,
     raise errors.ConfigError(f"--empty-convention must be one of {metrics_lib.EMPTY_CONVENTIONS}")
   loader = make_loader(run, split, batch_size)
   start = time.perf_counter()
-  evaluator = evaluator_lib.Evaluator(run.model, run.mesh, loader, noise_seed=seed,
-                                      empty_convention=convention, ddim_steps=ddim_steps,
-                                      ddim_eta=ddim_eta, distances=distances)
+  evaluator = evaluators.get("dice")(run.model, run.mesh, loader, noise_seed=seed,
+                                     empty_convention=convention, ddim_steps=ddim_steps,
+                                     ddim_eta=ddim_eta, distances=distances)
   result = evaluator.run(run.params, run.vae_params, run.scale_factor)
   seconds = time.perf_counter() - start
   names = ["dice", "iou"] + (["hd95", "assd"] if distances else [])
@@ -118,40 +114,11 @@ def evaluate(run: restore.Run, split: str = "test", *, ddim_steps: int = 0,
     out["distance_units"] = ("pixels of the model grid (volumes: slice index as the third axis, "
                              "unit spacing)")
   if run.num_classes is not None and run.config.data.get("target") == "multiclass":
-    out["multiclass"] = evaluate_classes(run, loader, ddim_steps=ddim_steps, ddim_eta=ddim_eta,
-                                         seed=seed, empty_convention=convention)
+    out["multiclass"] = evaluators.get("multiclass")(
+        run.model, run.mesh, loader, noise_seed=seed, empty_convention=convention,
+        ddim_steps=ddim_steps, ddim_eta=ddim_eta).run(run.params, run.vae_params,
+                                                      run.scale_factor)
   return out
-
-
-def evaluate_classes(run: restore.Run, loader, *, ddim_steps: int, ddim_eta: float, seed: int,
-                     empty_convention: str) -> Dict[str, Any]:
-  """Per-class Dice/IoU of a class-embedding run (label-map ground truth required)."""
-  k = run.num_classes
-  batch_sh = sharding_lib.batch_sharding(run.mesh)
-  model = run.model
-
-  @jax.jit
-  def labels_fn(params, vae_params, image, scale_factor, key):
-    s = model.latent_size
-    z_T = jax.random.normal(key, (image.shape[0], s, s, model.latent_channels), jnp.float32)
-    return multiclass.predict_labels(model, params, vae_params, image, z_T, scale_factor,
-                                     ddim_steps=ddim_steps, ddim_eta=ddim_eta,
-                                     rng=jax.random.fold_in(key, 1))["labels"]
-
-  totals: Dict[str, np.ndarray] = {}
-  key = jax.random.key(seed)
-  for index, batch in enumerate(loader):
-    image = jax.make_array_from_process_local_data(batch_sh, np.asarray(batch["image"]))
-    labels = labels_fn(run.params, run.vae_params, image, run.scale_factor,
-                       jax.random.fold_in(key, index))
-    labels = np.asarray(multihost_utils.process_allgather(labels, tiled=True))
-    gt = np.asarray(multihost_utils.process_allgather(batch["label"], tiled=True))
-    valid = np.asarray(multihost_utils.process_allgather(batch["valid"], tiled=True))
-    cases = evaluator_lib._allgather_strings(batch["case"])  # pylint: disable=protected-access
-    for row in np.flatnonzero(valid):
-      counts = multiclass.class_counts(labels[row], gt[row], k)
-      totals[cases[row]] = totals.get(cases[row], 0) + counts
-  return multiclass.summarize_counts(totals, empty_convention)
 
 
 # ---- presentation ------------------------------------------------------------------------------

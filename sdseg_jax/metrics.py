@@ -128,6 +128,60 @@ def per_class(pred_labels: np.ndarray, gt_labels: np.ndarray, num_classes: int,
           for c in range(1, int(num_classes))}
 
 
+def _dice_iou(pred: np.ndarray, gt: np.ndarray, spacing=None,
+              empty_convention: EmptyConvention = "official") -> dict[str, float]:
+  del spacing  # overlap metrics only
+  return {"dice": dice(pred, gt, empty_convention), "iou": iou(pred, gt, empty_convention)}
+
+
+def per_class_dice(pred_labels: np.ndarray, gt_labels: np.ndarray, num_classes: int,
+                   empty_convention: EmptyConvention = "official"
+                   ) -> dict[int, dict[str, float]]:
+  """Dice/IoU per foreground class 1..K-1 of one case (an image or a stacked volume)."""
+  return per_class(pred_labels, gt_labels, num_classes, empty_convention=empty_convention,
+                   metric_fn=_dice_iou)
+
+
+def class_counts(pred_labels: np.ndarray, gt_labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """(K, 3) int64 |P∩G|, |P|, |G| per class: what per-volume scoring sums over slices."""
+  pred_labels, gt_labels = np.asarray(pred_labels), np.asarray(gt_labels)
+  out = np.zeros((num_classes, 3), np.int64)
+  for c in range(num_classes):
+    p, g = pred_labels == c, gt_labels == c
+    out[c] = (np.sum(p & g), np.sum(p), np.sum(g))
+  return out
+
+
+def summarize_class_counts(case_counts: Mapping[str, np.ndarray],
+                           empty_convention: EmptyConvention = "official") -> dict:
+  """Official multi-class aggregation: per-class Dice per case, mean over cases, then classes.
+
+  Args:
+    case_counts: {case: (K, 3) counts} (slices of a volume already summed).
+
+  Returns:
+    {"dice", "iou" (means over classes 1..K-1), "per_class": {c: {"dice", "iou"}},
+     "cases": {case: {"dice_<c>", "iou_<c>"}}}
+  """
+  cases: dict[str, dict[str, float]] = {}
+  num = None
+  for case, counts in sorted(case_counts.items()):
+    num = counts.shape[0]
+    row = {}
+    for c in range(1, num):
+      inter, p, g = (int(v) for v in counts[c])
+      row[f"dice_{c}"] = dice_from_counts(inter, p, g, empty_convention)
+      row[f"iou_{c}"] = iou_from_counts(inter, p, g, empty_convention)
+    cases[case] = row
+  classes: dict[int, dict[str, float]] = {}
+  for c in range(1, num or 0):
+    classes[c] = {m: float(np.mean([r[f"{m}_{c}"] for r in cases.values()]))
+                  for m in ("dice", "iou")}
+  mean = lambda m: (float(np.mean([v[m] for v in classes.values()])) if classes
+                    else float("nan"))
+  return {"dice": mean("dice"), "iou": mean("iou"), "per_class": classes, "cases": cases}
+
+
 def summarize(cases: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
   """Mean/std per metric over cases, ignoring NaN (e.g. undefined distances), with counts.
 

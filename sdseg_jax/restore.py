@@ -5,7 +5,9 @@ train states) and, once training finished, export/inference.npz. Inference needs
 the LIVE vision encoder (the official evaluation uses the EMA only for the UNet), the latent
 scale factor of the run and the frozen VAE, which is never checkpointed but referenced: by
 config.init.vae, config.init.sdseg or WORKDIR/pretrained_vae.npz (the demo's pre-trained VAE),
-or, for the export bundle, by the bundle's own `vae_reference` (checked by SHA-256).
+or, for the export bundle, by the bundle's own `vae_reference` (checked by SHA-256). From a
+training checkpoint only those leaves are read (orbax partial restore through a read-only
+`checkpoint.Checkpointer`): the optimizer and the full train state are never built.
 
 `--checkpoint` selects the weights: "best" (by the in-training validation Dice), "last" (the
 newest step), an integer step, or "export" (the bundle). Every failure is a `RestoreError`
@@ -15,22 +17,21 @@ whose message names the missing directory/file and what to do about it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
-import orbax.checkpoint as ocp
+import numpy as np
 
 from sdseg_jax import checkpoint as checkpoint_lib
 from sdseg_jax import config_lib
 from sdseg_jax import errors
-from sdseg_jax import multiclass
+from sdseg_jax import export
+from sdseg_jax import optim
 from sdseg_jax import sharding as sharding_lib
-from sdseg_jax import state as state_lib
 from sdseg_jax import storage
 from sdseg_jax import vae_pretrain
 from sdseg_jax.models import sdseg
@@ -99,18 +100,20 @@ def inference_mesh() -> jax.sharding.Mesh:
   return sharding_lib.make_mesh({"data": -1, "fsdp": 1})
 
 
-def _sha256(path: epath.Path) -> str:
-  with path.open("rb") as f:  # local or gs:// (a buffered reader either way)
-    return hashlib.file_digest(f, "sha256").hexdigest()
+def lacks_label_emb(path: str, abstract_unet: Mapping[str, Any]) -> bool:
+  """True when the model has a class embedding but the SDSeg weights file at `path` has none.
 
-
-def vae_path(config: ml_collections.ConfigDict, workdir: epath.Path) -> epath.Path:
-  """The frozen VAE file training used (same precedence as `train._load_vae`)."""
-  if config.init.get("vae"):
-    return storage.path(config.init.vae)
-  if config.init.get("sdseg"):
-    return storage.path(config.init.sdseg)
-  return vae_pretrain.saved_path(workdir)
+  That is the official fine-tune start (a binary checkpoint; label_emb stays random). Reads
+  only the npz directory. A missing or unreadable file returns False, so the loader reports it.
+  """
+  if optim.LABEL_EMB not in abstract_unet:
+    return False
+  try:
+    # Local or gs:// (ranged reads of the zip directory only).
+    with storage.path(path).open("rb") as f, np.load(f, allow_pickle=False) as npz:
+      return not any(k.startswith(f"unet/{optim.LABEL_EMB}/") for k in npz.files)
+  except (OSError, ValueError):
+    return False
 
 
 def _read(path: epath.Path, key: str, abstract: Any, what: str) -> Any:
@@ -120,26 +123,22 @@ def _read(path: epath.Path, key: str, abstract: Any, what: str) -> Any:
     raise RestoreError(str(e)) from e
 
 
-def _restore_state(ckpt_dir: epath.Path, choice: Union[str, int],
-                   abstract_state: Any) -> tuple[Any, int]:
-  """Reads one train state through a READ-ONLY orbax manager.
+def _restore_weights(ckpt_dir: epath.Path, choice: Union[str, int],
+                     abstract_weights: Any) -> tuple[Any, int]:
+  """Reads the inference subtree of one train state through a READ-ONLY `Checkpointer`.
 
-  Not through `checkpoint.Checkpointer`: a writable manager removes unfinished
-  `*.orbax-checkpoint-tmp-*` directories when it opens, which would break the save of a
-  training run that is still writing into the same directory while we evaluate it.
+  Read-only: a writable manager removes unfinished `*.orbax-checkpoint-tmp-*` directories when
+  it opens, which would break the save of a training run still writing into the directory.
+  Only the leaves of `abstract_weights` are read (orbax partial restore): no optimizer, no full
+  train state, so restoring costs the inference weights' memory, not the state's.
   """
-  options = ocp.CheckpointManagerOptions(
-      read_only=True, create=False, best_fn=lambda m: float(m[BEST_METRIC]), best_mode="max")
-  manager = ocp.CheckpointManager(
-      ckpt_dir, options=options,
-      item_handlers={"state": ocp.StandardCheckpointHandler(),
-                     "meta": ocp.JsonCheckpointHandler()})
+  ckpt = checkpoint_lib.Checkpointer(ckpt_dir, best_metric=BEST_METRIC, read_only=True)
   try:
-    steps = sorted(manager.all_steps())
+    steps = ckpt.all_steps()
     if not steps:
       raise RestoreError(f"{ckpt_dir}: no finished checkpoint")
     if choice == "best":
-      step = manager.best_step()
+      step = ckpt.best_step()
       if step is None:
         raise RestoreError(f"{ckpt_dir}: no checkpoint carries {BEST_METRIC!r}, so there is "
                            f"no 'best' step; use --checkpoint last or one of {steps}")
@@ -151,15 +150,13 @@ def _restore_state(ckpt_dir: epath.Path, choice: Union[str, int],
     else:
       step = int(choice)
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state)))
-    except Exception as e:  # orbax/tensorstore raise many types for corrupt or mismatched data
-      text = f"{type(e).__name__}: {e}"
+      weights = ckpt.restore_subtree(abstract_weights, step)
+    except checkpoint_lib.CheckpointError as e:
       raise RestoreError(f"{ckpt_dir / str(step)}: cannot restore step {step} for this run's "
-                         f"config ({text[:600]})") from e
+                         f"config ({e})") from e
   finally:
-    manager.close()
-  return restored["state"], int(step)
+    ckpt.close()
+  return weights, int(step)
 
 
 def load_run(workdir: storage.PathLike, checkpoint: Union[str, int] = "best",
@@ -191,19 +188,20 @@ def load_run(workdir: storage.PathLike, checkpoint: Union[str, int] = "best",
   ckpt_dir = workdir / "checkpoints"
   if not ckpt_dir.is_dir():
     raise RestoreError(f"{ckpt_dir}: no checkpoints directory; has this run trained yet?")
-  tx = multiclass.make_optimizer(config)
-  create = lambda p, s: state_lib.create(p, tx, jax.random.key(0), s)
-  abstract_state = jax.eval_shape(create, abstract_params, jnp.float32(1))
-  abstract_state = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_state)
-  state, step = _restore_state(ckpt_dir, choice, abstract_state)
-  params = {"unet": state.ema_unet, "vision_encoder": state.params["vision_encoder"]}
-  vae_file = vae_path(config, workdir)
+  # The TrainState fields inference needs (same names and nesting as state.TrainState).
+  wanted = {"ema_unet": abstract_params["unet"],
+            "params": {"vision_encoder": abstract_params["vision_encoder"]},
+            "scale_factor": jax.ShapeDtypeStruct((), jnp.float32)}
+  wanted = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), wanted)
+  weights, step = _restore_weights(ckpt_dir, choice, wanted)
+  params = {"unet": weights["ema_unet"], "vision_encoder": weights["params"]["vision_encoder"]}
+  vae_file = vae_pretrain.frozen_vae_source(config, workdir)[0]
   vae_sh = jax.tree_util.tree_map(lambda _: replicated, abstract_vae)
   vae_params = loading.place(_read(vae_file, "vae", abstract_vae, "frozen VAE"), vae_sh)
   label = choice if isinstance(choice, str) else str(choice)
   return Run(workdir=workdir, config=config, model=model, mesh=mesh, params=params,
-             vae_params=vae_params, scale_factor=state.scale_factor, checkpoint=label,
+             vae_params=vae_params, scale_factor=weights["scale_factor"], checkpoint=label,
              step=int(step), source=str(ckpt_dir / str(step)))
 
 
@@ -215,7 +213,7 @@ def _load_export(workdir: epath.Path, config: ml_collections.ConfigDict,
     raise RestoreError(f"{path}: no inference export (it is written when training reaches "
                        f"config.train.max_steps); use --checkpoint best|last|STEP instead")
   try:
-    bundle = checkpoint_lib.load_inference(path)
+    bundle = export.load_inference(path)
   except checkpoint_lib.CheckpointError as e:
     raise RestoreError(str(e)) from e
   model_config = ml_collections.ConfigDict(json.loads(bundle["model_config_json"]))
@@ -231,9 +229,10 @@ def _load_export(workdir: epath.Path, config: ml_collections.ConfigDict,
                           "vision_encoder": bundle["vision_encoder_params"]},
                          jax.tree_util.tree_map(lambda _: replicated, abstract_params))
   vae_file = storage.path(bundle["vae_reference"])
-  if not vae_file.is_file():
-    vae_file = vae_path(config, workdir)  # e.g. the run directory was moved
-  if bundle["vae_sha256"] and vae_file.is_file() and _sha256(vae_file) != bundle["vae_sha256"]:
+  if not vae_file.is_file():  # e.g. the run directory was moved
+    vae_file = vae_pretrain.frozen_vae_source(config, workdir)[0]
+  sha = bundle["vae_sha256"]
+  if sha and vae_file.is_file() and export.sha256(vae_file) != sha:
     raise RestoreError(f"{vae_file}: this VAE is not the one {path} was exported with "
                        f"(SHA-256 differs); decoding with another VAE gives wrong masks")
   vae_sh = jax.tree_util.tree_map(lambda _: replicated, abstract_vae)

@@ -1,196 +1,57 @@
-"""The paper's stability protocol: how much does a single-step prediction depend on the noise?
+"""The paper's stability protocol on a trained run: how much does the prediction depend on z_T?
 
   python -m sdseg_jax.stability --workdir DIR [--split test] [--runs 10] [--seeds 0,1,...]
       [--checkpoint best|last|STEP|export] [--json FILE] [--uncertainty-dir DIR]
       [--batch-size B]
 
-Protocol (sdseg-method.md §8.3, `scripts/stability_evaluation.ipynb`): M single-step inference
-runs over the split with noise seeds 0..M-1; each run draws ONE z_T and re-uses it for every
-image, as the official `log_dice`. The probability maps are taken on the 0-255 scale as the
-saved uint8 `*-logits.png` files (p*255 rounded), and for every image SSIM, MS-SSIM and PSNR are
-computed between each run and the reference run 0 (torchmetrics-0.7 rules of
-`image_similarity`: inferred data range, all-zero maps skipped, identical pairs skipped for
-PSNR), averaged over runs, then over images. For 3D sets only slices with a non-empty ground
-truth enter these image metrics, as the official script saved only those.
+M single-step inference runs over the split with noise seeds 0..M-1 (or --seeds; the first is
+the reference run), each run with ONE z_T shared by all images, as the official `log_dice`.
+Per image: SSIM, MS-SSIM and PSNR of each run against the reference on the 0-255 probability
+maps (torchmetrics-0.7 rules), the pairwise Dice between the M masks; per run: the ground-truth
+Dice. The protocol itself, its rules and their reasons are in `sdseg_jax.evaluators.stability`.
 
-Added here (not in the paper): the pairwise Dice between the M binary masks of each image
-(mean / std / min over the M(M-1)/2 pairs, symmetric convention: two empty masks agree), the
-ground-truth Dice of every run (the official per-case Dice, volumes summed over slices) and its
-spread across runs, and optional per-pixel uncertainty maps (std over runs) as PNGs.
+MS-SSIM needs maps of at least 176 px; smaller maps (e.g. the 64 px demo) are not upsampled:
+MS-SSIM is skipped and the JSON says why ("ms_ssim_skipped").
 
-MS-SSIM with 5 scales needs images of at least 176 px (the coarsest scale, 1/16 of the size,
-must hold the 11-tap window). Smaller maps (e.g. the 64 px demo) are NOT upsampled, which would
-change what is measured: MS-SSIM is skipped and the JSON says why ("ms_ssim_skipped").
-
-Cost: the M runs of a batch of B images are ONE jitted call (the M noise tensors are vmapped,
-the condition is computed once), i.e. M*B decoder passes per call; --batch-size sets B.
+Cost: the M runs of a batch of B images are ONE jitted call, i.e. M*B decoder passes per call;
+--batch-size sets B (default config.eval.batch_size // M).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import math
-import io
 import sys
-import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.experimental import multihost_utils
-from PIL import Image
 
 from sdseg_jax import errors
 from sdseg_jax import evaluate as evaluate_lib
-from sdseg_jax import evaluator as evaluator_lib
-from sdseg_jax import image_similarity
-from sdseg_jax import inference
-from sdseg_jax import mask_io
-from sdseg_jax import metrics as metrics_lib
 from sdseg_jax import restore
-from sdseg_jax import sharding as sharding_lib
 from sdseg_jax import storage
+from sdseg_jax.evaluators import stability as protocol
 
-MS_SSIM_SCALES = len(image_similarity.MS_SSIM_BETAS)
-# Smallest side for 5-scale MS-SSIM: the coarsest scale (size / 16) must hold the 11-tap window.
-MS_SSIM_MIN_SIZE = image_similarity.gaussian_kernel_1d().size * 2 ** (MS_SSIM_SCALES - 1)
-
-
-def ms_ssim_skip_reason(size: int) -> Optional[str]:
-  """None when MS-SSIM is computable on size x size maps, else the reason it is skipped."""
-  if size >= MS_SSIM_MIN_SIZE:
-    return None
-  return (f"maps of {size}x{size} px are too small for {MS_SSIM_SCALES}-scale MS-SSIM (needs >= "
-          f"{MS_SSIM_MIN_SIZE} px: the coarsest scale, 1/{2 ** (MS_SSIM_SCALES - 1)} of the "
-          f"size, must hold the 11-tap window); skipped rather than upsampled, which would "
-          f"change the metric")
-
-
-def _runs_probabilities(params, vae_params, scale_factor, image, z_runs, *, model):
-  """(M, 1, r, r, c) noises x (B, R, R, 3) images -> (M, B, R, R) foreground probabilities."""
-  def one(z):
-    return inference.foreground(
-        inference.class_probabilities(model, params, vae_params, scale_factor, image, z))
-  return jax.vmap(one)(z_runs)
-
-
-def image_stability(maps: np.ndarray, reference: int = 0,
-                    with_ms_ssim: bool = True) -> Dict[str, Optional[float]]:
-  """Per-image SSIM / MS-SSIM / PSNR of M maps (M, H, W) on 0-255 against run `reference`.
-
-  The rules of `image_similarity.instance_stability` for one image: None everywhere when the
-  reference map is all zero, all-zero runs skipped, identical pairs skipped for PSNR.
-  """
-  maps = np.asarray(maps, np.float64)
-  out: Dict[str, Optional[float]] = {"ssim": None, "ms_ssim": None, "psnr": None}
-  ref = maps[reference]
-  if not ref.any():
-    return out
-  others = [maps[i] for i in range(len(maps)) if i != reference and maps[i].any()]
-  scores = {"ssim": [image_similarity.ssim(o, ref, None) for o in others],
-            "psnr": [image_similarity.psnr(o, ref, None) for o in others
-                     if not np.array_equal(o, ref)]}
-  if with_ms_ssim:
-    scores["ms_ssim"] = [image_similarity.ms_ssim(o, ref, None) for o in others]
-  for name, values in scores.items():
-    if values:
-      out[name] = float(np.mean(values))
-  return out
-
-
-def _mean(values: List[Optional[float]]) -> Dict[str, Any]:
-  finite = [v for v in values if v is not None and math.isfinite(v)]
-  return {"mean": float(np.mean(finite)) if finite else float("nan"),
-          "std": float(np.std(finite)) if finite else float("nan"), "n_images": len(finite)}
-
-
-def write_uncertainty(path: storage.PathLike, probs: np.ndarray) -> None:
-  """Per-pixel std over runs as an 8-bit PNG scaled by the largest possible std (0.5 -> 255)."""
-  std = image_similarity.uncertainty_map(probs)
-  png = io.BytesIO()
-  Image.fromarray(np.round(np.clip(std / 0.5, 0, 1) * 255).astype(np.uint8)).save(png, "PNG")
-  storage.write_bytes_atomic(path, png.getvalue())
+MS_SSIM_MIN_SIZE = protocol.MS_SSIM_MIN_SIZE
 
 
 def stability(run: restore.Run, split: str = "test", seeds: Sequence[int] = tuple(range(10)),
-              *, batch_size: Optional[int] = None, uncertainty_dir: Optional[storage.PathLike] = None,
+              *, batch_size: Optional[int] = None,
+              uncertainty_dir: Optional[storage.PathLike] = None,
               empty_convention: Optional[str] = None) -> Dict[str, Any]:
-  """Runs the protocol; returns the JSON summary (see module docstring)."""
+  """Runs the protocol on `run`; returns the JSON summary (run identity + protocol numbers)."""
   seeds = [int(s) for s in seeds]
   if len(seeds) < 2:
     raise errors.ConfigError(f"the stability protocol needs at least 2 runs, got seeds {seeds}")
   convention = empty_convention or run.config.eval.get("empty_convention", "official")
-  m = len(seeds)
-  default_b = max(1, run.config.eval.batch_size // m)
+  default_b = max(1, run.config.eval.batch_size // len(seeds))
   loader = evaluate_lib.make_loader(run, split, batch_size or default_b)
-  fn = run.jit("stability", lambda: functools.partial(_runs_probabilities, model=run.model))
-  z_runs = jnp.stack([inference.run_noise(run.model, s) for s in seeds])
-  batch_sh = sharding_lib.batch_sharding(run.mesh)
-  size = run.model.image_size
-  skip_reason = ms_ssim_skip_reason(size)
-
-  start = time.perf_counter()
-  images: Dict[str, Dict[str, Any]] = {}
-  counts: Dict[str, np.ndarray] = {}  # case -> (M, 3) |P∩G|, |P|, |G| per run
-  volumetric = False
-  for batch in loader:
-    image = jax.make_array_from_process_local_data(batch_sh, np.asarray(batch["image"]))
-    probs = fn(run.params, run.vae_params, run.scale_factor, image, z_runs)
-    probs = np.asarray(multihost_utils.process_allgather(probs, tiled=True))  # (M, B, R, R)
-    gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    gt_all, valid, slices = gather(batch["label"]) > 0, gather(batch["valid"]), gather(
-        batch["slice"])
-    names = evaluator_lib._allgather_strings(batch["name"])  # pylint: disable=protected-access
-    cases = evaluator_lib._allgather_strings(batch["case"])  # pylint: disable=protected-access
-    for row in np.flatnonzero(valid):
-      p, gt = probs[:, row], gt_all[row]
-      masks = p > 0.5
-      inter = np.sum(masks & gt, axis=(1, 2))
-      row_counts = np.stack([inter, masks.sum(axis=(1, 2)), np.full(m, gt.sum())], axis=-1)
-      counts[cases[row]] = counts.get(cases[row], 0) + row_counts.astype(np.int64)
-      is_slice = int(slices[row]) >= 0
-      volumetric = volumetric or is_slice
-      if is_slice and not gt.any():
-        continue  # official: only slices with a non-empty ground truth are compared
-      maps = mask_io.probability_to_uint8(p).astype(np.float64)
-      entry = image_stability(maps, 0, skip_reason is None)
-      spread = image_similarity.pairwise_dice_spread(masks)
-      entry.update({"dice_pair_mean": spread["mean"], "dice_pair_std": spread["std"],
-                    "dice_pair_min": spread["min"]})
-      images[names[row]] = entry
-      if uncertainty_dir is not None and jax.process_index() == 0:
-        write_uncertainty(storage.path(uncertainty_dir) / f"{names[row]}.png", p)
-  seconds = time.perf_counter() - start
-
-  per_run = []
-  for r in range(m):
-    dice = [metrics_lib.dice_from_counts(*(int(v) for v in c[r]), convention)
-            for c in counts.values()]
-    per_run.append(float(np.mean(dice)) if dice else float("nan"))
-  instance = {name: _mean([e[name] for e in images.values()])
-              for name in ("ssim", "ms_ssim", "psnr")}
-  pairwise = {name: _mean([e[f"dice_pair_{name}"] for e in images.values()])["mean"]
-              for name in ("mean", "std", "min")}
-  return {
-      "workdir": str(run.workdir), "split": split,
-      "checkpoint": {"requested": run.checkpoint, "step": run.step, "source": run.source},
-      "dataset": run.config.data.name, "seeds": seeds, "reference_seed": seeds[0],
-      "runs": m, "map_size": size, "n_images": len(images),
-      "n_cases": len(counts), "dimension": "3d" if volumetric else "2d",
-      "instance": instance, "ms_ssim_skipped": skip_reason,
-      "pairwise_dice": pairwise,
-      "dice_per_run": per_run,
-      "dice_across_runs": {"mean": float(np.mean(per_run)), "std": float(np.std(per_run)),
-                           "min": float(np.min(per_run)), "max": float(np.max(per_run))},
-      "convention": convention, "images": images, "seconds": seconds,
-      "protocol": ("single step, one z_T per run shared by all images; maps p*255 rounded; "
-                   "SSIM/MS-SSIM/PSNR of each run vs the reference run (torchmetrics-0.7 "
-                   "defaults, inferred data range), mean over runs then images; pairwise Dice "
-                   "over all run pairs per image (both empty = 1)"),
-      "uncertainty_dir": None if uncertainty_dir is None else str(uncertainty_dir),
-  }
+  evaluator = protocol.Evaluator(run.model, run.mesh, loader, seeds=seeds,
+                                 empty_convention=convention, uncertainty_dir=uncertainty_dir,
+                                 jit=lambda fn: run.jit("stability", lambda: fn))
+  result = evaluator.run(run.params, run.vae_params, run.scale_factor)
+  return {"workdir": str(run.workdir), "split": split,
+          "checkpoint": {"requested": run.checkpoint, "step": run.step, "source": run.source},
+          "dataset": run.config.data.name, **result}
 
 
 def format_table(result: Dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ import ml_collections
 import optax
 
 from sdseg_jax import diffusion
+from sdseg_jax import inference
 from sdseg_jax import optim
 from sdseg_jax import sharding as sharding_lib
 from sdseg_jax import state as state_lib
@@ -101,6 +102,5 @@ def predict_step(params: Any, vae_params: Any, image: jax.Array, scale_factor: j
   The noise z_T is drawn inside the step from `noise_key` (one draw per image), so it is the
   same however the batch is sharded.
   """
-  s = model.latent_size
-  z_T = jax.random.normal(noise_key, (image.shape[0], s, s, model.latent_channels), jnp.float32)
+  z_T = inference.draw_noise(model, noise_key, image.shape[0])
   return model.predict(params, vae_params, image, z_T, scale_factor)

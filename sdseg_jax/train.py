@@ -26,9 +26,12 @@ from jax.experimental import multihost_utils
 
 from sdseg_jax import checkpoint as checkpoint_lib
 from sdseg_jax import config_lib
-from sdseg_jax import evaluator as evaluator_lib
+from sdseg_jax import evaluators
+from sdseg_jax import export
+from sdseg_jax.evaluators import common as evaluators_common
 from sdseg_jax import logging_lib
-from sdseg_jax import multiclass
+from sdseg_jax import optim
+from sdseg_jax import restore
 from sdseg_jax import sharding as sharding_lib
 from sdseg_jax import state as state_lib
 from sdseg_jax import step as step_lib
@@ -36,6 +39,7 @@ from sdseg_jax import storage
 from sdseg_jax import vae_pretrain
 from sdseg_jax.data import pipeline
 from sdseg_jax.data import registry
+from sdseg_jax.models import model_config
 from sdseg_jax.models import sdseg
 from sdseg_jax.weights import artifacts
 from sdseg_jax.weights import loading
@@ -98,13 +102,9 @@ def compute_scale_factor(model: sdseg.SDSeg, vae_params: Any, mask: jax.Array,
 
 def _load_vae(config, model, workdir, mesh, abstract_vae, vae_sh, rng) -> Any:
   """The frozen VAE: converted kl-f8, a converted SDSeg checkpoint, or the demo's pretraining."""
-  if config.init.vae:
-    return loading.place(loading.read(config.init.vae, "vae", abstract_vae, "kl-f8 VAE"), vae_sh)
-  if config.init.sdseg:
-    return loading.place(loading.read(config.init.sdseg, "vae", abstract_vae, "VAE"), vae_sh)
-  saved = vae_pretrain.saved_path(workdir)
-  if saved.is_file():
-    return loading.place(loading.read(str(saved), "vae", abstract_vae, "pretrained VAE"), vae_sh)
+  path, what = vae_pretrain.frozen_vae_source(config, workdir)
+  if path.is_file() or path != vae_pretrain.saved_path(workdir):  # configured files must exist
+    return loading.place(loading.read(str(path), "vae", abstract_vae, what), vae_sh)
   logging.info("no kl-f8 weights configured: pre-training the VAE on the training masks "
                "for %d steps", config.init.pretrain_vae_steps)
   vae = jax.jit(lambda k: model.init(k)[1], out_shardings=vae_sh)(rng)
@@ -119,7 +119,7 @@ def _load_vae(config, model, workdir, mesh, abstract_vae, vae_sh, rng) -> Any:
   # The VAE is replicated: every process holds a full copy on its first local device.
   host = jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), vae)
   if jax.process_index() == 0:
-    artifacts.save(saved, {"vae": host}, {"kind": "pretrained_vae",
+    artifacts.save(path, {"vae": host}, {"kind": "pretrained_vae",
                                           "steps": config.init.pretrain_vae_steps})
   return vae
 
@@ -131,14 +131,14 @@ def _initial_params(config, model, abstract_params, param_sh, vae_params, rng) -
     for key in ("unet", "vision_encoder"):
       abstract, shardings = abstract_params[key], param_sh[key]
       # Official multi-class fine-tune: a BINARY SDSeg checkpoint + a random class embedding.
-      fresh = key == "unet" and multiclass.lacks_label_emb(config.init.sdseg, abstract)
+      fresh = key == "unet" and restore.lacks_label_emb(config.init.sdseg, abstract)
       if fresh:
-        abstract = {k: v for k, v in abstract.items() if k != multiclass.LABEL_EMB}
-        shardings = {k: v for k, v in shardings.items() if k != multiclass.LABEL_EMB}
+        abstract = {k: v for k, v in abstract.items() if k != optim.LABEL_EMB}
+        shardings = {k: v for k, v in shardings.items() if k != optim.LABEL_EMB}
       loaded = loading.place(
           loading.read(config.init.sdseg, key, abstract, f"SDSeg {key}"), shardings)
       if fresh:
-        loaded[multiclass.LABEL_EMB] = params[key][multiclass.LABEL_EMB]
+        loaded[optim.LABEL_EMB] = params[key][optim.LABEL_EMB]
       params[key] = loaded
     return params
   # The vision encoder starts as a copy of the (frozen) VAE encoder; its 1x1 `out` stays random.
@@ -179,6 +179,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Trains (or resumes) a run in `workdir` up to config.train.max_steps; returns final metrics."""
   workdir = storage.path(workdir)
   config_lib.validate(config)
+  evaluators.specs(config)  # an unknown evaluator type or option stops the run here
   check_storage(config, workdir)
   if jax.process_index() == 0:
     config_lib.dump(config, workdir)
@@ -187,7 +188,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   mesh = sharding_lib.make_mesh(config.mesh)
   sharding_lib.global_batch_size_check(config.train.global_batch_size, mesh)
   model = sdseg.build(config.model)
-  tx = multiclass.make_optimizer(config)  # optim.make_optimizer, + label_emb lr if multi-class
+  tx = optim.make_optimizer(config)  # AdamW, label_emb at a scaled lr if multi-class
   rng = jax.random.key(config.seed)
   logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
                jax.process_count())
@@ -201,11 +202,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       global_batch_size=config.train.global_batch_size, process_index=jax.process_index(),
       process_count=jax.process_count(), seed=config.seed,
       worker_count=config.data.worker_count,
-      num_classes=multiclass.num_classes(config.model))
+      num_classes=model_config.num_classes(config.model))
   eval_loader = pipeline.make_eval_loader(
       config.data, config.eval.split, split_dir=_split_dir(workdir),
       batch_size=config.eval.batch_size, process_index=jax.process_index(),
       process_count=jax.process_count())
+  evals = evaluators.from_config(config, model, mesh, eval_loader)  # config.evals
 
   # ---- abstract state and shardings ------------------------------------------------------------
   layout = sharding_lib.train_layout(model, tx, mesh, config.mesh.strategy)
@@ -250,9 +252,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       config.data.image_size)
   logging.info("train step compiled in %.1f s %s", stats["compile_seconds"],
                {k: v for k, v in stats.items() if k != "compile_seconds"})
-  evaluator = evaluator_lib.Evaluator(model, mesh, eval_loader,
-                                      noise_seed=config.eval.noise_seed,
-                                      empty_convention=config.eval.empty_convention)
 
   # ---- the loop -------------------------------------------------------------------------------
   writer = logging_lib.MetricWriter(workdir, config.log.tensorboard)
@@ -289,8 +288,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       stopping = stop.agreed()
       ckpt_metrics = None
       if done % config.eval.every_steps == 0 or final:
-        last_eval = _evaluate(evaluator, state, vae_params, config, workdir, writer, done)
-        ckpt_metrics = {"eval/dice": last_eval["dice"], "eval/iou": last_eval["iou"]}
+        last_eval = _evaluate(evals, state, vae_params, config, workdir, writer, done)
+        ckpt_metrics = last_eval
       if done % config.checkpoint.every_steps == 0 or final or stopping:
         # Never save a diverged state: the previous checkpoint stays the newest one.
         metrics = jax.device_get(metrics)
@@ -306,40 +305,37 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   # ---- export and curves ---------------------------------------------------------------------
   if int(state.step) >= config.train.max_steps:
     export_path = workdir / "export" / "inference.npz"
-    checkpoint_lib.export_inference(
+    export.export_inference(
         export_path, unet_params=state.ema_unet,
         vision_encoder_params=state.params["vision_encoder"],
         scale_factor=float(state.scale_factor), model_config_json=config.model.to_json(),
-        vae_reference=str(_vae_reference(config, workdir)))
+        vae_reference=str(vae_pretrain.frozen_vae_source(config, workdir)[0]))
     if jax.process_index() == 0:
       from sdseg_jax import plots  # pylint: disable=g-import-not-at-top
       plots.plot_training_curves(workdir / "metrics.jsonl", workdir / "curves.png")
   ckpt.close()
   writer.close()
-  return {"step": int(state.step), **{f"eval/{k}": last_eval[k] for k in ("dice", "iou")
-                                       if k in last_eval}}
+  return {"step": int(state.step), **last_eval}
 
 
-def _vae_reference(config, workdir: epath.Path) -> epath.Path:
-  if config.init.vae:
-    return storage.path(config.init.vae)
-  if config.init.sdseg:
-    return storage.path(config.init.sdseg)
-  return vae_pretrain.saved_path(workdir)
-
-
-def _evaluate(evaluator, state, vae_params, config, workdir, writer, step) -> Dict[str, Any]:
-  """Single-step evaluation with the EMA UNet and the live vision encoder (as the official)."""
+def _evaluate(evals, state, vae_params, config, workdir, writer, step) -> Dict[str, float]:
+  """Runs the config's evaluators with the EMA UNet and the live vision encoder (as the
+  official); returns their scalars as {"<prefix>/<name>": value} (what checkpoints rank by)."""
   params = {"unet": state.ema_unet, "vision_encoder": state.params["vision_encoder"]}
-  start = time.perf_counter()
-  result = evaluator.run(params, vae_params, state.scale_factor, config.eval.num_panels)
-  writer.write(step, {"eval/dice": result["dice"], "eval/iou": result["iou"],
-                      "eval/seconds": time.perf_counter() - start})
-  path = evaluator_lib.write_panels(result["panels"], workdir / "panels" / f"step_{step:07d}.png")
-  logging.info("step %d: eval/dice %.4f eval/iou %.4f on %d %s cases%s", step, result["dice"],
-               result["iou"], result["num_cases"], config.eval.split,
-               f" (panels: {path})" if path else "")
-  return result
+  scalars: Dict[str, float] = {}
+  for prefix, evaluator in evals:
+    start = time.perf_counter()
+    result = evaluator.run(params, vae_params, state.scale_factor)
+    values = {f"{prefix}/{k}": v for k, v in evaluator.scalars(result).items()}
+    writer.write(step, {**values, f"{prefix}/seconds": time.perf_counter() - start})
+    scalars.update(values)
+    path = evaluators_common.write_panels(
+        result.get("panels", []), workdir / "panels" / f"step_{step:07d}.png")
+    logging.info("step %d: %s on %s %s cases%s", step,
+                 " ".join(f"{k} {v:.4f}" for k, v in values.items()),
+                 result.get("num_cases", len(result.get("cases", {}))), config.eval.split,
+                 f" (panels: {path})" if path else "")
+  return scalars
 
 
 def _progress_bar(config, initial: int) -> Optional[Any]:

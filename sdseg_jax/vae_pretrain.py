@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from sdseg_jax import sharding as sharding_lib
+from sdseg_jax import storage
 from sdseg_jax.models import sdseg
 from sdseg_jax.models import vae as vae_lib
 
@@ -63,3 +64,14 @@ def pretrain_vae(model: sdseg.SDSeg, vae_params: Any, batches: Iterator[dict], *
 
 def saved_path(workdir: epath.Path) -> epath.Path:
   return workdir / "pretrained_vae.npz"
+
+
+def frozen_vae_source(config: Any, workdir: epath.Path) -> tuple[epath.Path, str]:
+  """(file, description) of the run's frozen VAE: the one rule training, the inference export
+  and restore follow. config.init.vae (converted kl-f8) first, then the VAE inside
+  config.init.sdseg (a converted SDSeg checkpoint), else this pre-training's WORKDIR file."""
+  if config.init.get("vae"):
+    return storage.path(config.init.vae), "kl-f8 VAE"
+  if config.init.get("sdseg"):
+    return storage.path(config.init.sdseg), "VAE"
+  return saved_path(workdir), "pretrained VAE"

@@ -22,6 +22,7 @@ import optax
 import pytest
 
 from sdseg_jax import checkpoint
+from sdseg_jax import export
 from sdseg_jax.checkpoint import CheckpointError, Checkpointer
 from sdseg_jax.weights import artifacts
 
@@ -339,11 +340,11 @@ def test_export_inference_round_trip(tmp_path, mesh8):
   vae_file.write_bytes(b"vae weights")
   config = json.dumps({"model_channels": 32})
   bundle = tmp_path / "export" / "inference.npz"
-  checkpoint.export_inference(bundle, unet_params=unet, vision_encoder_params=encoder,
+  export.export_inference(bundle, unet_params=unet, vision_encoder_params=encoder,
                               scale_factor=0.18215, model_config_json=config,
                               vae_reference=str(vae_file))
   assert [p.name for p in bundle.parent.iterdir()] == ["inference.npz"]  # no temporaries
-  loaded = checkpoint.load_inference(bundle)
+  loaded = export.load_inference(bundle)
   np.testing.assert_array_equal(loaded["unet_params"]["conv"]["kernel"], np.ones((8, 3)))
   assert loaded["unet_params"]["conv"]["kernel"].dtype == np.float32
   np.testing.assert_array_equal(loaded["unet_params"]["conv"]["bias"], np.arange(3.0))
@@ -357,16 +358,40 @@ def test_export_inference_round_trip(tmp_path, mesh8):
 
 def test_load_inference_errors(tmp_path):
   with pytest.raises(CheckpointError, match="not found"):
-    checkpoint.load_inference(tmp_path / "missing.npz")
+    export.load_inference(tmp_path / "missing.npz")
   other = tmp_path / "weights.npz"
   artifacts.save(other, {"a": np.zeros(2)}, {"source": "convert"})
   with pytest.raises(CheckpointError, match="not an sdseg_jax inference bundle"):
-    checkpoint.load_inference(other)
+    export.load_inference(other)
   garbage = tmp_path / "garbage.npz"
   garbage.write_bytes(b"not a zip")
   with pytest.raises(CheckpointError, match="garbage.npz"):
-    checkpoint.load_inference(garbage)
+    export.load_inference(garbage)
   with pytest.raises(ValueError, match="not valid JSON"):
-    checkpoint.export_inference(tmp_path / "x.npz", unet_params={}, vision_encoder_params={},
+    export.export_inference(tmp_path / "x.npz", unet_params={}, vision_encoder_params={},
                                 scale_factor=1.0, model_config_json="{oops",
                                 vae_reference="vae")
+
+
+def test_read_only_subtree_restore_reads_only_what_is_asked(saved8, mesh8):
+  directory, saved = saved8
+  tmp = directory / "9.orbax-checkpoint-tmp-1234"  # a save still in flight elsewhere
+  tmp.mkdir()
+  replicated = NamedSharding(mesh8, P())
+  wanted = {"ema_params": {"w": jax.ShapeDtypeStruct((16, 4), jnp.float32, sharding=replicated)},
+            "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)}
+  with Checkpointer(directory, read_only=True) as ckpt:
+    assert ckpt.all_steps() == [7]
+    got = ckpt.restore_subtree(wanted, 7)
+  assert set(got) == {"ema_params", "step"} and set(got["ema_params"]) == {"w"}
+  np.testing.assert_array_equal(np.asarray(got["ema_params"]["w"]),
+                                np.asarray(saved.ema_params["w"]))
+  assert int(got["step"]) == 7 and got["ema_params"]["w"].sharding == replicated
+  assert tmp.is_dir()  # read-only: the other writer's temporary directory is left alone
+  tmp.rmdir()
+  wrong = {"ema_params": {"w": jax.ShapeDtypeStruct((4, 4), jnp.float32, sharding=replicated),
+                          "gamma": jax.ShapeDtypeStruct((2,), jnp.float32, sharding=replicated)}}
+  with Checkpointer(directory, read_only=True) as ckpt:
+    with pytest.raises(CheckpointError, match=r"/7: step 7 does not fit.*missing.*ema_params/"
+                                              r"gamma.*ema_params/w: checkpoint \(16, 4\)"):
+      ckpt.restore_subtree(wrong, 7)

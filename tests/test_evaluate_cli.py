@@ -15,7 +15,8 @@ from flax import traverse_util
 
 from sdseg_jax import config_lib
 from sdseg_jax import evaluate
-from sdseg_jax import evaluator as evaluator_lib
+from sdseg_jax.evaluators import common as evaluators_common
+from sdseg_jax.evaluators import dice as evaluator_lib
 from sdseg_jax import metrics
 from sdseg_jax import restore
 from sdseg_jax import sharding as sharding_lib
@@ -180,7 +181,7 @@ class _VolumeLoader:
 def _stub_counts(params, vae_params, image, label, scale_factor, noise_key, **kwargs):
   del params, vae_params, scale_factor, noise_key, kwargs
   prob = (image[..., 0] > 0).astype(jnp.float32)
-  return evaluator_lib._counts(prob > 0.5, label), prob  # pylint: disable=protected-access
+  return evaluators_common.binary_counts(prob > 0.5, label), prob
 
 
 def test_evaluator_stacks_volume_slices_in_order(monkeypatch):

@@ -28,7 +28,7 @@ from PIL import Image
 import pytest
 
 from configs import tiny
-from sdseg_jax import checkpoint as checkpoint_lib
+from sdseg_jax import export
 from sdseg_jax.data import tfds_build
 from sdseg_jax.weights import artifacts
 from tests import gcs_server as gcs_lib
@@ -181,8 +181,8 @@ def test_bucket_run_matches_an_uninterrupted_local_run(reference, gcs_run):  # n
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(run_state)[0],
                           jax.tree_util.tree_leaves(ref_state)):
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
-  ref_export = checkpoint_lib.load_inference(reference / "export" / "inference.npz")
-  run_export = checkpoint_lib.load_inference(local / "export" / "inference.npz")
+  ref_export = export.load_inference(reference / "export" / "inference.npz")
+  run_export = export.load_inference(local / "export" / "inference.npz")
   assert run_export["scale_factor"] == ref_export["scale_factor"]
   assert run_export["vae_reference"] == f"{RUN}/pretrained_vae.npz"
   assert run_export["vae_sha256"]  # hashed through the bucket

@@ -11,7 +11,9 @@ from sdseg_jax import benchmark
 from sdseg_jax import checkpoint as checkpoint_lib
 from sdseg_jax import config_lib
 from sdseg_jax import evaluate
-from sdseg_jax import multiclass
+from sdseg_jax import inference
+from sdseg_jax import metrics
+from sdseg_jax import optim
 from sdseg_jax import restore
 from sdseg_jax import sharding as sharding_lib
 from sdseg_jax import state as state_lib
@@ -67,7 +69,7 @@ def test_background_negation_rule():
   maps = jnp.array([[[[0.9, -0.9]]],     # class 0 (organ union)
                     [[[0.8, -0.8]]],     # class 1
                     [[[-0.5, -0.7]]]])   # class 2
-  probs = multiclass.scores_to_probabilities(maps)
+  probs = inference.scores_to_probabilities(maps)
   assert probs.shape == (1, 1, 2, K)
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
   np.testing.assert_array_equal(jnp.argmax(probs, -1), [[[1, 0]]])
@@ -102,7 +104,7 @@ def test_predict_labels_is_one_batched_pass_per_class(trained_like_model):
   z_T = jax.random.normal(jax.random.key(2), (2, model.latent_size, model.latent_size,
                                               model.latent_channels))
   scale = jnp.float32(0.5)
-  out = jax.jit(lambda p, v, x, z: multiclass.predict_labels(model, p, v, x, z, scale))(
+  out = jax.jit(lambda p, v, x, z: inference.predict_labels(model, p, v, x, z, scale))(
       params, vae, image, z_T)
   assert out["labels"].shape == (2, SIZE, SIZE) and out["labels"].dtype == jnp.int32
   assert out["probs"].shape == (2, SIZE, SIZE, K)
@@ -121,7 +123,7 @@ def test_predict_labels_is_one_batched_pass_per_class(trained_like_model):
       assert float(jnp.abs(separate[a] - separate[b]).max()) > 1e-2, (a, b)
   np.testing.assert_allclose(out["maps"], separate, atol=1e-4, rtol=1e-4)
   np.testing.assert_array_equal(out["labels"], jnp.argmax(
-      multiclass.scores_to_probabilities(separate), -1))
+      inference.scores_to_probabilities(separate), -1))
 
 
 # ---- training data -----------------------------------------------------------------------------
@@ -131,16 +133,16 @@ def test_sample_class_rules():
   label = _label_map(0)
   seen = set()
   for seed in range(30):
-    k, target = multiclass.sample_class(label, K, np.random.default_rng(seed))
+    k, target = transforms.sample_class(label, K, np.random.default_rng(seed))
     seen.add(k)
     want = (label != 0) if k == 0 else (label == k)
     np.testing.assert_array_equal(target, want.astype(np.uint8))
   assert seen == {0, 1, 2}
   only_one = _label_map(1)  # background + class 1
-  assert {multiclass.sample_class(only_one, K, np.random.default_rng(s))[0]
+  assert {transforms.sample_class(only_one, K, np.random.default_rng(s))[0]
           for s in range(20)} == {0, 1}
   with pytest.raises(ValueError, match="num_classes=2"):
-    multiclass.sample_class(label, 2, np.random.default_rng(0))
+    transforms.sample_class(label, 2, np.random.default_rng(0))
 
 
 def test_class_target_is_seeded_per_element():
@@ -175,7 +177,7 @@ def test_train_loader_carries_class_ids():
 
 def test_label_emb_learning_rate_is_scaled():
   config = _config()
-  tx = multiclass.make_optimizer(config)
+  tx = optim.make_optimizer(config)
   params = {"unet": {"label_emb": {"embedding": jnp.zeros((K, 4))},
                      "time_embed_0": {"kernel": jnp.zeros((4, 4)), "bias": jnp.zeros(4)}},
             "vision_encoder": {"out": {"kernel": jnp.zeros((1, 1, 8, 4))}}}
@@ -184,10 +186,10 @@ def test_label_emb_learning_rate_is_scaled():
   lr = config.optim.base_lr
   # Adam's first update is lr * g / (|g| + eps) = lr per element for a unit gradient.
   for path, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]:
-    scale = multiclass.LABEL_EMB_LR_SCALE if "label_emb" in jax.tree_util.keystr(path) else 1.0
+    scale = optim.LABEL_EMB_LR_SCALE if "label_emb" in jax.tree_util.keystr(path) else 1.0
     np.testing.assert_allclose(np.asarray(leaf), -lr * scale, rtol=1e-5)
   # Binary runs keep the plain optimizer (and so the checkpoint layout of binary runs).
-  assert not isinstance(multiclass.make_optimizer(trained_run.tiny_config()).init(params),
+  assert not isinstance(optim.make_optimizer(trained_run.tiny_config()).init(params),
                         optax.MultiTransformState)
 
 
@@ -198,7 +200,7 @@ def test_train_step_restore_and_foreground_eval(tiny_model, tmp_path):
   model, params, vae = tiny_model
   config = _config()
   mesh = sharding_lib.make_mesh(config.mesh)
-  tx = multiclass.make_optimizer(config)
+  tx = optim.make_optimizer(config)
   rng = jax.random.key(0)
   abstract_params, abstract_vae = jax.eval_shape(model.init, rng)
   create = lambda p, s: state_lib.create(p, tx, jax.random.fold_in(rng, 7), s)
@@ -248,14 +250,14 @@ def test_fine_tune_from_a_binary_checkpoint_keeps_a_random_label_emb(tiny_model,
   from sdseg_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   from sdseg_jax.weights import artifacts  # pylint: disable=g-import-not-at-top
   model, params, vae = tiny_model
-  binary_unet = {k: v for k, v in params["unet"].items() if k != multiclass.LABEL_EMB}
+  binary_unet = {k: v for k, v in params["unet"].items() if k != optim.LABEL_EMB}
   path = tmp_path / "binary_sdseg.npz"
   host = lambda t: jax.tree_util.tree_map(np.asarray, t)
   artifacts.save(path, {"unet": host(binary_unet), "vision_encoder": host(
       params["vision_encoder"]), "vae": host(vae)}, {"kind": "sdseg", "scale_factor": 0.5})
   config = _config()
   config.init.sdseg = str(path)
-  assert multiclass.lacks_label_emb(str(path), params["unet"])
+  assert restore.lacks_label_emb(str(path), params["unet"])
   mesh = sharding_lib.make_mesh(config.mesh)
   abstract_params, _ = jax.eval_shape(model.init, jax.random.key(0))
   param_sh = sharding_lib.param_shardings(abstract_params, mesh, "dp")
@@ -263,9 +265,9 @@ def test_fine_tune_from_a_binary_checkpoint_keeps_a_random_label_emb(tiny_model,
                                   jax.random.key(9))
   jax.tree_util.tree_map(np.testing.assert_array_equal,
                          host({k: got["unet"][k] for k in binary_unet}), host(binary_unet))
-  emb = np.asarray(got["unet"][multiclass.LABEL_EMB]["embedding"])
-  assert emb.shape == params["unet"][multiclass.LABEL_EMB]["embedding"].shape
-  assert not np.array_equal(emb, params["unet"][multiclass.LABEL_EMB]["embedding"])
+  emb = np.asarray(got["unet"][optim.LABEL_EMB]["embedding"])
+  assert emb.shape == params["unet"][optim.LABEL_EMB]["embedding"].shape
+  assert not np.array_equal(emb, params["unet"][optim.LABEL_EMB]["embedding"])
 
 
 # ---- scoring ---------------------------------------------------------------------------------
@@ -275,13 +277,13 @@ def test_per_class_dice_and_volume_aggregation():
   gt = _label_map(0)
   pred = gt.copy()
   pred[pred == 2] = 0  # class 2 missed entirely
-  scores = multiclass.per_class_dice(pred, gt, K)
+  scores = metrics.per_class_dice(pred, gt, K)
   assert set(scores) == {1, 2}
   assert scores[1]["dice"] == pytest.approx(1.0) and scores[2]["dice"] == 0.0
   # Per volume: slices' counts are summed before the Dice, then cases, then classes averaged.
-  counts = {"vol": multiclass.class_counts(pred, gt, K) + multiclass.class_counts(gt, gt, K),
-            "img": multiclass.class_counts(gt, gt, K)}
-  summary = multiclass.summarize_counts(counts)
+  counts = {"vol": metrics.class_counts(pred, gt, K) + metrics.class_counts(gt, gt, K),
+            "img": metrics.class_counts(gt, gt, K)}
+  summary = metrics.summarize_class_counts(counts)
   inter, p, g = counts["vol"][2]
   vol_dice2 = 2 * inter / (p + g)
   assert summary["cases"]["vol"]["dice_2"] == pytest.approx(vol_dice2)

@@ -9,6 +9,7 @@ from PIL import Image
 from sdseg_jax import image_similarity
 from sdseg_jax import restore
 from sdseg_jax import stability
+from sdseg_jax.evaluators import stability as protocol
 from tests import trained_run
 
 
@@ -59,17 +60,17 @@ def test_too_few_runs(run):
 
 def test_per_image_rules_match_instance_stability():
   rng = np.random.default_rng(0)
-  size = stability.MS_SSIM_MIN_SIZE
+  size = protocol.MS_SSIM_MIN_SIZE
   base = rng.uniform(0, 255, (3, size, size)).round()
   runs = np.stack([base, base + rng.normal(0, 8, base.shape), base.copy()]).clip(0, 255)
   runs[:, 1] = 0.0          # an all-zero reference: image skipped
   runs[2, 2] = runs[0, 2]   # an identical pair: skipped for PSNR only
   runs = runs.round()
   want = image_similarity.instance_stability(runs)
-  per_image = [stability.image_stability(runs[:, n]) for n in range(runs.shape[1])]
+  per_image = [protocol.image_stability(runs[:, n]) for n in range(runs.shape[1])]
   for name in ("ssim", "ms_ssim", "psnr"):
     values = [p[name] for p in per_image if p[name] is not None]
     assert len(values) == want[f"n_images_{name}"]
     assert np.mean(values) == pytest.approx(want[name], rel=1e-12)
-  assert stability.ms_ssim_skip_reason(size) is None
-  assert "too small" in stability.ms_ssim_skip_reason(size - 1)
+  assert protocol.ms_ssim_skip_reason(size) is None
+  assert "too small" in protocol.ms_ssim_skip_reason(size - 1)

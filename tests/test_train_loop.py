@@ -41,6 +41,7 @@ import pytest
 from configs import tiny
 from sdseg_jax import checkpoint as checkpoint_lib
 from sdseg_jax import distributed
+from sdseg_jax import export
 from sdseg_jax import optim
 from sdseg_jax import sharding as sharding_lib
 from sdseg_jax import state as state_lib
@@ -287,8 +288,8 @@ def test_stop_and_resume_match_an_uninterrupted_run(reference, sigterm_run):
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(run_state)[0],
                           jax.tree_util.tree_leaves(ref_state)):
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
-  ref_export = checkpoint_lib.load_inference(reference / "export" / "inference.npz")
-  run_export = checkpoint_lib.load_inference(sigterm_run / "export" / "inference.npz")
+  ref_export = export.load_inference(reference / "export" / "inference.npz")
+  run_export = export.load_inference(sigterm_run / "export" / "inference.npz")
   assert run_export["scale_factor"] == ref_export["scale_factor"]
   for key in ("unet_params", "vision_encoder_params"):
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(run_export[key])[0],

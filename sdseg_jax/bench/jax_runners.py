@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from sdseg_jax import errors
+from sdseg_jax import inference
 from sdseg_jax import optim
 from sdseg_jax import sharding as sharding_lib
 from sdseg_jax import state as state_lib
@@ -148,9 +149,7 @@ class JaxInference:
 
   def _predict(self, params, vae, image, key):
     """predict_step (noise drawn for the whole batch from one key), optionally micro-batched."""
-    s = self.model.latent_size
-    z_T = jax.random.normal(key, (image.shape[0], s, s, self.model.latent_channels),
-                            jnp.float32)
+    z_T = inference.draw_noise(self.model, key, image.shape[0])
     one = lambda x, z: self.model.predict(params, vae, x, z, self.scale_factor)["prob"]
     return map_microbatches(one, self.microbatch, image, z_T)
 

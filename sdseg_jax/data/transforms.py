@@ -152,9 +152,24 @@ class ClassTarget(grain.transforms.RandomMap):
     self.num_classes = int(num_classes)
 
   def random_map(self, element: Element, rng: np.random.Generator) -> Element:
-    from sdseg_jax import multiclass  # pylint: disable=g-import-not-at-top
     out = dict(element)
-    k, target = multiclass.sample_class(out.pop("label"), self.num_classes, rng)
+    k, target = sample_class(out.pop("label"), self.num_classes, rng)
     out["mask"] = target_to_model(target)
     out["class_id"] = np.int32(k)
     return out
+
+
+def sample_class(label_map: np.ndarray, num_classes: int, rng: np.random.Generator
+                 ) -> tuple[int, np.ndarray]:
+  """One training target of the official multi-class loader, drawn with `rng`.
+
+  k is uniform among the classes present in the slice (0 included when there is background);
+  the binary target is (label == k) for k > 0 and (label != 0) for k = 0. Labels >= num_classes
+  are an error (they would index past the class embedding).
+  """
+  present = np.unique(label_map)
+  if present.size and int(present[-1]) >= num_classes:
+    raise ValueError(f"label value {int(present[-1])} >= model.unet.num_classes={num_classes}")
+  k = int(rng.choice(present)) if present.size else 0
+  target = (label_map != 0) if k == 0 else (label_map == k)
+  return k, target.astype(np.uint8)

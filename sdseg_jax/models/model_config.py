@@ -67,3 +67,9 @@ def _merge(defaults: Dict[str, Any], given: Optional[Mapping[str, Any]],
       raise errors.ConfigError(f"unknown {what} field {key!r}; known fields: {sorted(defaults)}")
     merged[key] = list(value) if isinstance(value, (list, tuple)) else value
   return merged
+
+
+def num_classes(model_config: ml_collections.ConfigDict) -> Optional[int]:
+  """config.model.unet.num_classes, or None for the binary (paper) model."""
+  value = model_config.unet.get("num_classes", None)
+  return None if value is None else int(value)
