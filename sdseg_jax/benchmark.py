@@ -446,8 +446,9 @@ class TorchBaseline:
 
   def __init__(self, device: Optional[str] = None, threads: int = 0, modules: Any = None):
     """`modules`: prebuilt benchmark_torch.Modules (tests pass small ones); else full size."""
-    import torch  # pylint: disable=g-import-not-at-top
     import diffusers  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top
+
     from sdseg_jax import benchmark_torch  # pylint: disable=g-import-not-at-top
     diffusers.utils.logging.set_verbosity_error()
     if threads:

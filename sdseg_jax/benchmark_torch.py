@@ -29,21 +29,21 @@ Usage:
 """
 
 import argparse
+from collections.abc import Callable
 import dataclasses
 import json
 import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-import torch
-from torch import nn
 import diffusers
 from diffusers.models.attention_processor import Attention
 from diffusers.models.autoencoders.vae import Encoder
+import numpy as np
+import torch
+from torch import nn
 
 # ----------------------------------------------------------------------------------------------
 # Constants of the SDSeg setup (docs/sdseg-method.md sections 3.1 and 5).

@@ -43,19 +43,19 @@ preemption notices.
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping
 from typing import Any
 
 from absl import logging
 from etils import epath
 import grain.checkpoint as grain_checkpoint
 import jax
-import jax.numpy as jnp
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 

@@ -37,9 +37,9 @@ from typing import Any, Dict, Optional, Sequence
 
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
 from sdseg_jax import evaluator as evaluator_lib
 from sdseg_jax import metrics as metrics_lib

@@ -13,9 +13,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from PIL import Image
 
 from sdseg_jax import diffusion

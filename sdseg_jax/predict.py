@@ -35,7 +35,7 @@ import io
 import json
 import pathlib
 import sys
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from etils import epath
 import jax

@@ -30,16 +30,16 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import io
+import math
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from PIL import Image
 
 from sdseg_jax import evaluate as evaluate_lib

@@ -26,8 +26,8 @@ from __future__ import annotations
 import io
 import os
 import re
-import uuid
 from typing import Union
+import uuid
 
 from etils import epath
 

@@ -17,12 +17,12 @@ import signal
 import time
 from typing import Any, Dict, Iterator, Optional
 
-import jax
-import jax.numpy as jnp
 from etils import epath
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
 from sdseg_jax import checkpoint as checkpoint_lib
 from sdseg_jax import config_lib

@@ -113,6 +113,7 @@ def _require_torch() -> None:
 def test_torch_baseline_in_the_same_run(monkeypatch):
   _require_torch()
   import diffusers  # pylint: disable=g-import-not-at-top
+
   from sdseg_jax import benchmark_torch  # pylint: disable=g-import-not-at-top
 
   # Shrink the baseline the same way as the JAX model; the functions read these at call time.

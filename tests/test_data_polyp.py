@@ -5,7 +5,12 @@ import pathlib
 import numpy as np
 import pytest
 
-from sdseg_jax.data import base, check, configs, cvc, registry, splits
+from sdseg_jax.data import base
+from sdseg_jax.data import check
+from sdseg_jax.data import configs
+from sdseg_jax.data import cvc
+from sdseg_jax.data import registry
+from sdseg_jax.data import splits
 
 # -- Kvasir-SEG -------------------------------------------------------------------------------------
 

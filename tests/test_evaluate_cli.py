@@ -6,12 +6,12 @@ import os
 import subprocess
 import sys
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from flax import traverse_util
 
 from sdseg_jax import config_lib
 from sdseg_jax import evaluate

@@ -16,8 +16,8 @@ the time of writing are in brackets; the bounds leave roughly 3-4x headroom:
   * training loss:        |L_bf16 - L_f32| / L_f32 <= 0.01        [~0.0004]
 """
 
-import functools
 import collections
+import functools
 from typing import Any, Callable, Counter, Iterator
 
 import jax

@@ -32,7 +32,8 @@ import pathlib
 
 import numpy as np
 
-from sdseg_jax.data import splits as splits_lib, volumes
+from sdseg_jax.data import splits as splits_lib
+from sdseg_jax.data import volumes
 
 TEST_IDS = ("0001", "0002", "0003", "0004", "0008", "0022", "0025", "0029", "0032", "0035",
             "0036", "0038")

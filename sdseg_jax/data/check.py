@@ -24,7 +24,10 @@ from typing import Any
 import numpy as np
 
 from sdseg_jax import storage
-from sdseg_jax.data import base, configs, splits as splits_lib, volumes
+from sdseg_jax.data import base
+from sdseg_jax.data import configs
+from sdseg_jax.data import splits as splits_lib
+from sdseg_jax.data import volumes
 
 BINARY_SETS = ("kvasir", "cvc")
 VOLUME_SETS = ("btcv", "sts3d")

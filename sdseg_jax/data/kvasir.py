@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import pathlib
 
-from sdseg_jax.data import base, splits as splits_lib
+from sdseg_jax.data import base
+from sdseg_jax.data import splits as splits_lib
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 

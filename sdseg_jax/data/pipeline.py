@@ -24,7 +24,8 @@ import grain
 import numpy as np
 
 from sdseg_jax import storage
-from sdseg_jax.data import registry, transforms
+from sdseg_jax.data import registry
+from sdseg_jax.data import transforms
 
 Batch = dict[str, np.ndarray]
 

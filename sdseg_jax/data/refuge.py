@@ -30,7 +30,8 @@ import pathlib
 
 import numpy as np
 
-from sdseg_jax.data import base, splits as splits_lib
+from sdseg_jax.data import base
+from sdseg_jax.data import splits as splits_lib
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif")
 MASK_EXTS = (".bmp", ".png")

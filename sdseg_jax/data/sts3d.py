@@ -26,7 +26,8 @@ import pathlib
 import numpy as np
 from scipy import ndimage
 
-from sdseg_jax.data import splits as splits_lib, volumes
+from sdseg_jax.data import splits as splits_lib
+from sdseg_jax.data import volumes
 
 TRAIN_IDS = tuple(f"Teeth_{i:04d}_0000" for i in range(1, 10))
 TEST_IDS = tuple(f"Teeth_{i:04d}_0000" for i in range(10, 13))

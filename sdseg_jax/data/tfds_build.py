@@ -39,7 +39,10 @@ import numpy as np
 from PIL import Image
 
 from sdseg_jax import storage
-from sdseg_jax.data import base, configs, registry, splits as splits_lib
+from sdseg_jax.data import base
+from sdseg_jax.data import configs
+from sdseg_jax.data import registry
+from sdseg_jax.data import splits as splits_lib
 
 # The data fields that change the stored records (resizing, augmentation and IO fields do not).
 _KEY_FIELDS = ("name", "split", "split_seed", "val_size", "test_size", "layout", "labels",
