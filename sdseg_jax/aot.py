@@ -116,7 +116,7 @@ def chip_of(device: Any) -> Chip:
   return CHIPS[device.device_kind]
 
 
-# ---- what is compiled -----------------------------------------------------------------------------
+# ---- what is compiled ----------------------------------------------------------------------------
 def _with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
@@ -185,7 +185,7 @@ def compile_infer(program: Program) -> Any:
       jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)).compile()
 
 
-# ---- model FLOPs ----------------------------------------------------------------------------------
+# ---- model FLOPs ---------------------------------------------------------------------------------
 def _is_official_sdseg(model_cfg: ml_collections.ConfigDict) -> bool:
   """The full-size binary SDSeg at 256x256, whose FLOPs the performance figures count."""
   skip = ("compute_dtype", "precision", "attention_impl")
@@ -221,7 +221,7 @@ def model_flops_per_example(config: ml_collections.ConfigDict, suite: str) -> Di
           "source": "XLA:CPU count of the unpartitioned program at batch 1"}
 
 
-# ---- reading the compiled program -------------------------------------------------------------------
+# ---- reading the compiled program ----------------------------------------------------------------
 def _cost(stage: Any) -> Dict[str, float]:
   cost = stage.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax: one dict per device program
@@ -335,7 +335,7 @@ def out_of_memory(message: str, compile_seconds: float) -> Dict[str, Any]:
   return report
 
 
-# ---- the command ----------------------------------------------------------------------------------
+# ---- the command ---------------------------------------------------------------------------------
 def run(config: ml_collections.ConfigDict, topology: str, suites: Sequence[str],
         on_suite: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
   """Compiles `suites` for `topology` and returns the JSON-ready report.

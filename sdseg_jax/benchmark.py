@@ -391,7 +391,6 @@ class JaxTrain:
     tx = optim.make_optimizer(config)
     mesh = self.mesh
     params, vae = self._params
-    param_sh = sharding_lib.param_shardings(params, mesh, "dp")
     vae_sh = jax.tree_util.tree_map(lambda _: sharding_lib.replicated(mesh), vae)
     create = lambda p, s: state_lib.create(p, tx, jax.random.key(self.seed + 7), s)
     abstract_state = jax.eval_shape(create, params, jnp.float32(1))

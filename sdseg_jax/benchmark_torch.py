@@ -98,7 +98,7 @@ def _build_vae() -> diffusers.AutoencoderKL:
 
 
 def _build_unet() -> diffusers.UNet2DModel:
-  """The LDM UNet of SDSeg as a diffusers UNet2DModel (same parameters up to 0.0005%, same FLOPs)."""
+  """The LDM UNet of SDSeg as a diffusers UNet2DModel (same FLOPs, parameters within 0.0005%)."""
   unet = diffusers.UNet2DModel(
       sample_size=IMAGE_SIZE // 8, in_channels=2 * LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
       block_out_channels=(192, 384, 384, 768, 768), layers_per_block=2,

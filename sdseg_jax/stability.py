@@ -114,7 +114,8 @@ def write_uncertainty(path: storage.PathLike, probs: np.ndarray) -> None:
 
 
 def stability(run: restore.Run, split: str = "test", seeds: Sequence[int] = tuple(range(10)),
-              *, batch_size: Optional[int] = None, uncertainty_dir: Optional[storage.PathLike] = None,
+              *, batch_size: Optional[int] = None,
+              uncertainty_dir: Optional[storage.PathLike] = None,
               empty_convention: Optional[str] = None) -> Dict[str, Any]:
   """Runs the protocol; returns the JSON summary (see module docstring)."""
   seeds = [int(s) for s in seeds]

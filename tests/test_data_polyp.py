@@ -12,7 +12,7 @@ from sdseg_jax.data import cvc
 from sdseg_jax.data import registry
 from sdseg_jax.data import splits
 
-# -- Kvasir-SEG -------------------------------------------------------------------------------------
+# -- Kvasir-SEG ------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_stored_split_mismatch_is_an_error(kvasir_config, tmp_path):
     registry.make_source(kvasir_config, "test", split_dir)
 
 
-# -- CVC-ClinicDB -----------------------------------------------------------------------------------
+# -- CVC-ClinicDB ----------------------------------------------------------------------------------
 
 
 def _cvc_config(root, **kw):

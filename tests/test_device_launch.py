@@ -1,4 +1,5 @@
-"""Tests for the lent-GPU tooling: the wheelhouse check, the profile reduction, the benchmark script.
+"""Tests for the lent-GPU tooling: the wheelhouse check, the profile reduction, the benchmark
+script.
 
 The GPU itself is not here, so these check everything around it: that the wheelhouse check
 refuses an incomplete or ambiguous set, that the trace reduction counts each device op once,

@@ -99,7 +99,7 @@ def _find(data_config):
   raise ValueError(f"no integrity check for dataset {name!r}")
 
 
-# -- per-file checks --------------------------------------------------------------------------------
+# -- per-file checks -------------------------------------------------------------------------------
 
 def _check_mask_values(dataset: str, path: str, arr: np.ndarray, report: Report) -> bool:
   """Returns whether the mask has foreground; records a problem if its values are wrong."""
@@ -187,7 +187,7 @@ def _check_case(dataset: str, case: volumes.Case, full: bool, report: Report) ->
   return shapes["image"][-1]
 
 
-# -- dataset level ----------------------------------------------------------------------------------
+# -- dataset level ---------------------------------------------------------------------------------
 
 def check_dataset(data_config, split_dir: pathlib.Path | None = None,
                   full: bool = True) -> Report:

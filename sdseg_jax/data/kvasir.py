@@ -31,7 +31,7 @@ def find_pairs(root: pathlib.Path):
 def _read_list(path: pathlib.Path) -> list[str]:
   if not path.exists():
     raise base.DataError(f"split list not found: {path}")
-  return sorted(pathlib.Path(l).stem for l in path.read_text().split() if l)
+  return sorted(pathlib.Path(entry).stem for entry in path.read_text().split() if entry)
 
 
 def propose_split(data_config, names: list[str]) -> dict[str, list[str]]:

@@ -53,7 +53,8 @@ def _write_atomic(path: storage.PathLike, text: str) -> None:
 
 def read_split_files(split_dir: storage.PathLike) -> dict[str, list[str]]:
   split_dir = storage.path(split_dir)
-  return {s: [l.strip() for l in (split_dir / f"{s}.txt").read_text().splitlines() if l.strip()]
+  return {s: [line.strip() for line in (split_dir / f"{s}.txt").read_text().splitlines()
+              if line.strip()]
           for s in SPLITS}
 
 
