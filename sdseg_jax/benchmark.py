@@ -19,11 +19,11 @@ asynchronous dispatch cannot hide work), peak memory and MFU. The PyTorch baseli
 on the same batch sizes, so both stacks see the same machine state; `--rounds` alternates the two
 stacks several times, which matters on a shared machine whose load changes during the run.
 
-MFU uses the model FLOPs of docs/performance.md (936.8 GFLOP per inference image, 1216.0 GFLOP
-per training example) against a per-device peak: the datasheet dense bf16 or TF32 figure on
+MFU uses the model FLOPs of docs/performance.md#model-flops (936.8 GFLOP per inference image, 1216.0
+GFLOP per training example) against a per-device peak: the datasheet dense bf16 or TF32 figure on
 GPU/TPU (`_PEAK_TFLOPS`). On CPU, MFU is n/a: a shared CPU has no stable peak (a matmul peak
-measured at start-up gave MFU above 100% minutes later), so achieved TFLOP/s is reported, with
-the start-up matmul rate for context. The JSON's device.peak_basis says which applies.
+measured at start-up gave MFU above 100% minutes later), so achieved TFLOP/s is reported, with the
+start-up matmul rate for context. The JSON's device.peak_basis says which applies.
 """
 
 import argparse
@@ -49,7 +49,7 @@ from sdseg_jax import step as step_lib
 from sdseg_jax.models import model_config
 from sdseg_jax.models import sdseg
 
-# Model FLOPs per image (docs/performance.md sections 0 and 1.2, measured on the official-size
+# Model FLOPs per image (docs/performance.md#model-flops, counted on the official-size
 # modules at 256x256; conv/matmul/attention at 2 FLOPs per multiply-add).
 INFER_FLOPS_PER_IMAGE = 936.8e9
 TRAIN_FLOPS_PER_EXAMPLE = 1216.0e9
@@ -147,7 +147,7 @@ def mfu(images_per_s: float, suite: str, dtype: str, info: Dict[str, Any],
   """Model FLOPs utilisation against the device peak for `dtype`.
 
   None where no peak is known, or for a model other than the full-size 256x256 one, whose
-  FLOP counts are the only ones measured (performance.md).
+  FLOP counts are the only ones measured (docs/performance.md#model-flops).
   """
   peaks = info.get("peak_tflops")
   if not full_size or not peaks or dtype not in peaks:

@@ -2,7 +2,7 @@
 
 `python -m sdseg_jax.benchmark` compares the JAX implementation with this one. The official SDSeg
 code needs an old Lightning/LDM stack, so the baseline rebuilds the three networks from stock
-diffusers modules configured to the official sizes (docs/performance.md section 1.1):
+diffusers modules configured to the official sizes (docs/performance.md#how-the-flops-were-counted):
 
 * kl-f8 VAE: `AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
   latent_channels=4)`, 83,653,863 parameters; frozen.
@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 # ----------------------------------------------------------------------------------------------
-# Constants of the SDSeg setup (docs/sdseg-method.md sections 3.1 and 5).
+# Constants of the SDSeg setup (docs/method.md#noise-schedule, #single-step-inference).
 # ----------------------------------------------------------------------------------------------
 IMAGE_SIZE = 256
 LATENT_CHANNELS = 4
@@ -56,7 +56,7 @@ SCALE_FACTOR = 0.18215  # Fixed; SDSeg derives it from data (scale_by_std), irre
 NUM_HEADS = 8
 LR, WEIGHT_DECAY = 4e-5, 0.01
 
-# Parameter counts of the diffusers builds (docs/performance.md section 1.2).
+# Parameter counts of the diffusers builds (docs/performance.md#parameters).
 EXPECTED_PARAMS = {"unet": 294_972_292, "vae": 83_653_863, "vision_encoder": 34_163_628}
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -1,7 +1,7 @@
 """Jittable label-free inference functions shared by `predict` and `stability`.
 
 Noise convention: like the official `log_dice`, one noise tensor z_T is drawn per run (from the
-run's seed) and re-used for every image of that run (sdseg-method.md §5.1 step 3, §10.11), so a
+run's seed) and re-used for every image of that run (docs/method.md#noise-draws), so a
 prediction depends on the seed but not on the batch size, the batch an image falls into or the
 number of devices. (The training-time `Evaluator` draws per image instead; both are valid
 single-step protocols, the shared draw is the official one.)

@@ -1,6 +1,7 @@
 """Multi-class SDSeg (class-embedding conditioning): inference, scoring and training helpers.
 
-The official multi-class extension (sdseg-method.md §4.2; experimental, not in the paper) keeps
+The official multi-class extension (docs/method.md#multi-class-extension; experimental, not in
+the paper) keeps
 the binary model and adds a class embedding `label_emb(y)` to the UNet's time embedding. It is
 trained on binary targets chosen per slice: a class k drawn uniformly among the classes present,
 target (label == k) for k > 0 and the organ union (label != 0) for k = 0. At inference the model

@@ -4,14 +4,14 @@
       [--checkpoint best|last|STEP|export] [--json FILE] [--uncertainty-dir DIR]
       [--batch-size B]
 
-Protocol (sdseg-method.md §8.3, `scripts/stability_evaluation.ipynb`): M single-step inference
-runs over the split with noise seeds 0..M-1; each run draws ONE z_T and re-uses it for every
-image, as the official `log_dice`. The probability maps are taken on the 0-255 scale as the
-saved uint8 `*-logits.png` files (p*255 rounded), and for every image SSIM, MS-SSIM and PSNR are
-computed between each run and the reference run 0 (torchmetrics-0.7 rules of
-`image_similarity`: inferred data range, all-zero maps skipped, identical pairs skipped for
-PSNR), averaged over runs, then over images. For 3D sets only slices with a non-empty ground
-truth enter these image metrics, as the official script saved only those.
+Protocol (docs/method.md#stability-protocol; the official `scripts/stability_evaluation.ipynb`): M
+single-step inference runs over the split with noise seeds 0..M-1; each run draws ONE z_T and
+re-uses it for every image, as the official `log_dice`. The probability maps are taken on the 0-255
+scale as the saved uint8 `*-logits.png` files (p*255 rounded), and for every image SSIM, MS-SSIM and
+PSNR are computed between each run and the reference run 0 (torchmetrics-0.7 rules of
+`image_similarity`: inferred data range, all-zero maps skipped, identical pairs skipped for PSNR),
+averaged over runs, then over images. For 3D sets only slices with a non-empty ground truth enter
+these image metrics, as the official script saved only those.
 
 Added here (not in the paper): the pairwise Dice between the M binary masks of each image
 (mean / std / min over the M(M-1)/2 pairs, symmetric convention: two empty masks agree), the

@@ -6,7 +6,8 @@ per image (332..1920 wide), each mask has its image's size.
 
 Split schemes (`data_config.split`):
   "sdseg"       800/100/100 like the paper's code, but from a SEEDED permutation of the SORTED
-                ids instead of an unsorted glob (not reproducible, sdseg-method.md §10.3).
+                ids instead of an unsorted glob (not reproducible,
+                docs/method.md#reproducible-splits).
   "medico2020"  the dataset authors' MediaEval-2020 880/120 split: its 120 are the test set and
                 `val_size` ids drawn (seeded) from its 880 are the validation set, so model
                 selection never sees test images. The lists come from `ROOT/splits/medico2020`
