@@ -46,7 +46,8 @@ import torch
 from torch import nn
 
 # ----------------------------------------------------------------------------------------------
-# Constants of the SDSeg setup (docs/method.md#noise-schedule, #single-step-inference).
+# Constants of the SDSeg setup (docs/method.md#noise-schedule and
+# docs/method.md#single-step-inference).
 # ----------------------------------------------------------------------------------------------
 IMAGE_SIZE = 256
 LATENT_CHANNELS = 4
