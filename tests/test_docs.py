@@ -112,6 +112,21 @@ def test_docs_are_linked_from_the_readme():
     assert f"]({page}" in readme, f"README.md does not link {page}"
 
 
+def test_readme_layout_matches_the_tree():
+  """README.md's Layout lists every module of the package, one line each, and nothing else."""
+  readme = (REPO_ROOT / "README.md").read_text()
+  section = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+  block = section.split("```", 2)[1]
+  listed = [line.split()[0] for line in block.splitlines() if line.strip()]
+  missing_paths = [p for p in listed if not (REPO_ROOT / p).exists()]
+  assert not missing_paths, f"README.md Layout names paths that do not exist: {missing_paths}"
+  modules = sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "sdseg_jax").rglob("*.py")
+                   if p.name != "__init__.py" and not _skipped(p))
+  unlisted = [m for m in modules if m not in listed]
+  assert not unlisted, f"modules missing from README.md's Layout: {unlisted}"
+  assert len(listed) == len(set(listed)), "README.md's Layout lists a path twice"
+
+
 def test_documentation_references_resolve():
   problems = [problem for path in text_files() for problem in reference_problems(path)]
   assert not problems, "\n".join(problems)
