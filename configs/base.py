@@ -47,8 +47,8 @@ def split_variant(variant: str) -> tuple[str, tuple[str, ...]]:
     raise errors.ConfigError(f"unknown config variant {hardware!r}; expected one of {VARIANTS}")
   for setting in settings:
     if setting not in PRECISIONS:
-      raise errors.ConfigError(f"unknown config setting {setting!r} in {variant!r}; expected one of "
-                       f"{PRECISIONS} after the variant, e.g. 'h100,paper'")
+      raise errors.ConfigError(f"unknown config setting {setting!r} in {variant!r}; expected "
+                               f"one of {PRECISIONS} after the variant, e.g. 'h100,paper'")
   return hardware, tuple(settings)
 
 
@@ -117,7 +117,7 @@ def benchmark_config(dataset: str, root: str, eval_every: int, variant: str = ""
     ""          the paper's setting: global batch 4 (lr = 1e-5 x 4), fp32, 1 device
     "runlocal"  a CPU smoke run: batch 2, 10 steps, evaluation on 8 validation cases
     "gpu8"      8 GPUs, 4 per GPU (global 32, lr scaled to 3.2e-4 as the official --scale_lr)
-    "h100"      one H100: 32 per chip in bf16 (about 22 GiB, performance.md)
+    "h100"      one H100: 32 per chip in bf16 (about 22 GiB, docs/performance.md#memory)
     "h200"      one H200 (141 GB): 64 per chip in bf16 (estimated 37 GiB, BENCHMARKS.md)
     "v5e8"      a v5e-8 slice: 8 per chip in bf16 with FSDP-sharded params and Adam moments
     "v5e32"     a v5e-32 pod slice (8 hosts): the same per chip, data x fsdp = 4 x 8
@@ -156,7 +156,7 @@ def benchmark_config(dataset: str, root: str, eval_every: int, variant: str = ""
   elif variant == "cpu_small":
     use_small_model(config)
   elif variant in ("v5e8", "v5e32"):
-    # 16 GB per chip: batch 8 in bf16 plus FSDP-sharded state (performance.md section 1.3).
+    # 16 GB per chip: batch 8 in bf16 plus FSDP-sharded state (docs/performance.md#memory).
     config.train.global_batch_size = 64 if variant == "v5e8" else 256
     config.model.compute_dtype = "bfloat16"
     config.mesh.data, config.mesh.fsdp = -1, 8

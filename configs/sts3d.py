@@ -1,4 +1,5 @@
-"""SDSeg on STS-3D tooth CBCT (9 training / 3 test volumes, one training volume held out for validation).
+"""SDSeg on STS-3D tooth CBCT: 9 training / 3 test volumes, one training volume held out for
+validation.
 
   python -m sdseg_jax.main --config configs/sts3d.py --workdir runs/sts3d \
       --config.data.root=/path/to/STS-3D

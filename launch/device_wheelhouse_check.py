@@ -24,19 +24,22 @@ import email.parser
 import pathlib
 import re
 import sys
-import zipfile
 from typing import Dict, List, Optional, Tuple
+import zipfile
 
 try:
   from packaging.requirements import Requirement
-  from packaging.utils import canonicalize_name, parse_wheel_filename
+  from packaging.utils import canonicalize_name
+  from packaging.utils import parse_wheel_filename
   from packaging.version import Version
 except ImportError:  # Every pip vendors packaging.
   from pip._vendor.packaging.requirements import Requirement  # type: ignore
-  from pip._vendor.packaging.utils import canonicalize_name, parse_wheel_filename  # type: ignore
+  from pip._vendor.packaging.utils import canonicalize_name  # type: ignore
+  from pip._vendor.packaging.utils import parse_wheel_filename  # type: ignore
   from pip._vendor.packaging.version import Version  # type: ignore
 
-# The device machine's interpreter (KINDS.md: Python 3.12.3 at /opt/torch/.venv/bin/python3).
+# The device machine's interpreter (as the device tool describes it): Python 3.12.3 at
+# /opt/torch/.venv/bin/python3.
 TARGET_ENV = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
               "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
               "implementation_name": "cpython", "platform_python_implementation": "CPython",

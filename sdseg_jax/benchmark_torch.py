@@ -2,7 +2,7 @@
 
 `python -m sdseg_jax.benchmark` compares the JAX implementation with this one. The official SDSeg
 code needs an old Lightning/LDM stack, so the baseline rebuilds the three networks from stock
-diffusers modules configured to the official sizes (docs/performance.md section 1.1):
+diffusers modules configured to the official sizes (docs/performance.md#how-the-flops-were-counted):
 
 * kl-f8 VAE: `AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
   latent_channels=4)`, 83,653,863 parameters; frozen.
@@ -29,24 +29,25 @@ Usage:
 """
 
 import argparse
+from collections.abc import Callable
 import dataclasses
 import json
 import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-import torch
-from torch import nn
 import diffusers
 from diffusers.models.attention_processor import Attention
 from diffusers.models.autoencoders.vae import Encoder
+import numpy as np
+import torch
+from torch import nn
 
 # ----------------------------------------------------------------------------------------------
-# Constants of the SDSeg setup (docs/sdseg-method.md sections 3.1 and 5).
+# Constants of the SDSeg setup (docs/method.md#noise-schedule and
+# docs/method.md#single-step-inference).
 # ----------------------------------------------------------------------------------------------
 IMAGE_SIZE = 256
 LATENT_CHANNELS = 4
@@ -56,7 +57,7 @@ SCALE_FACTOR = 0.18215  # Fixed; SDSeg derives it from data (scale_by_std), irre
 NUM_HEADS = 8
 LR, WEIGHT_DECAY = 4e-5, 0.01
 
-# Parameter counts of the diffusers builds (docs/performance.md section 1.2).
+# Parameter counts of the diffusers builds (docs/performance.md#parameters).
 EXPECTED_PARAMS = {"unet": 294_972_292, "vae": 83_653_863, "vision_encoder": 34_163_628}
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -98,7 +99,7 @@ def _build_vae() -> diffusers.AutoencoderKL:
 
 
 def _build_unet() -> diffusers.UNet2DModel:
-  """The LDM UNet of SDSeg as a diffusers UNet2DModel (same parameters up to 0.0005%, same FLOPs)."""
+  """The LDM UNet of SDSeg as a diffusers UNet2DModel (same FLOPs, parameters within 0.0005%)."""
   unet = diffusers.UNet2DModel(
       sample_size=IMAGE_SIZE // 8, in_channels=2 * LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
       block_out_channels=(192, 384, 384, 768, 768), layers_per_block=2,

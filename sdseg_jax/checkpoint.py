@@ -46,12 +46,12 @@ preemption notices.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 import contextlib
 import json
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping
 from typing import Any
 
 from absl import logging
@@ -62,9 +62,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from sdseg_jax import errors
-from sdseg_jax.checkpoint_data import DataStateHolder as _DataStateHolder
 from sdseg_jax import storage
 from sdseg_jax import tree_fit
+from sdseg_jax.checkpoint_data import DataStateHolder as _DataStateHolder
 
 _STATE = "state"
 _DATA = "data"

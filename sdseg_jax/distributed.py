@@ -123,7 +123,7 @@ def _plan_slurm(environ: Mapping[str, str], ntasks: int) -> LaunchPlan:
 
 
 def _has_tpu_chip(sys_pci: str = "/sys/bus/pci/devices") -> bool:
-  """True on a Cloud TPU VM (a Google PCI device present); no network, no jax import side effects."""
+  """True on a Cloud TPU VM (a Google PCI device present); no network, no jax import side effect."""
   try:
     entries = os.listdir(sys_pci)
   except OSError:

@@ -10,8 +10,9 @@ What it does, and why this way:
     defines the model, the data and its split files (WORKDIR/splits), so a run is always scored
     on the split it was trained against.
   * Sampler: one reverse step at t = T-1 (the paper's) by default; `--ddim-steps S` runs LDM's
-    DDIM with S steps (eta 1 as the official sampler) for the steps comparison of §9.3. Several
-    comma-separated values reuse the loaded weights and write one JSON each.
+    DDIM with S steps (eta 1 as the official sampler) for the steps comparison
+    (docs/method.md#ddim-sampling). Several comma-separated values reuse the loaded weights and
+    write one JSON each.
   * Cases: a 2D image, or a 3D volume whose slices are stacked in slice order (BTCV, STS-3D):
     Dice/IoU from the volume's summed pixel counts, as the official per-volume scoring. The
     Dice convention (empty prediction = 0, empty truth + non-empty prediction = 1) is the

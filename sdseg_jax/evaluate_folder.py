@@ -29,8 +29,8 @@ import json
 import math
 import pathlib
 import sys
-import warnings
 from typing import Any, Iterable, Optional, Sequence, Union
+import warnings
 
 import numpy as np
 

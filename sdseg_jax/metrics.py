@@ -18,9 +18,16 @@ from typing import Callable, Literal, Mapping, Optional, Sequence
 import numpy as np
 
 from sdseg_jax import surface_distance
+
 # Re-exported so callers need a single import for all case-level metrics.
-from sdseg_jax.surface_distance import (  # noqa: F401
-    ASSD_MODES, AssdMode, asd, assd, empty_status, hausdorff, hd95, hd95_assd)
+from sdseg_jax.surface_distance import ASSD_MODES  # noqa: F401
+from sdseg_jax.surface_distance import AssdMode  # noqa: F401
+from sdseg_jax.surface_distance import asd  # noqa: F401
+from sdseg_jax.surface_distance import assd  # noqa: F401
+from sdseg_jax.surface_distance import empty_status  # noqa: F401
+from sdseg_jax.surface_distance import hausdorff  # noqa: F401
+from sdseg_jax.surface_distance import hd95  # noqa: F401
+from sdseg_jax.surface_distance import hd95_assd  # noqa: F401
 
 EmptyConvention = Literal["official", "both_empty_is_one"]
 EMPTY_CONVENTIONS = ("official", "both_empty_is_one")

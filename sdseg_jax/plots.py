@@ -17,8 +17,8 @@ import json
 import math
 import pathlib
 import sys
-import warnings
 from typing import Any, Optional, Sequence, Union
+import warnings
 
 from etils import epath
 from matplotlib.backends.backend_agg import FigureCanvasAgg

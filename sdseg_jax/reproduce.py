@@ -94,8 +94,9 @@ def check_study(workdir, study: Dict[str, Any]) -> None:
 
 def train_seed(config: ml_collections.ConfigDict, seed_dir) -> Dict[str, Any]:
   """Trains (or resumes, or skips when finished) one seed; returns its train record."""
-  from sdseg_jax import train  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
+
+  from sdseg_jax import train  # pylint: disable=g-import-not-at-top
   marker = storage.path(seed_dir) / "reproduce" / "train.json"
   record = _read_json(marker)
   if record is not None and record["steps"] >= config.train.max_steps:

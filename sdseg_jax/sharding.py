@@ -13,10 +13,13 @@ import math
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+import jax.numpy as jnp
+from jax.sharding import AxisType
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
 
 from sdseg_jax import errors
 from sdseg_jax import state as state_lib

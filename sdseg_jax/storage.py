@@ -27,8 +27,8 @@ import contextlib
 import io
 import os
 import re
-import uuid
 from typing import BinaryIO, Iterator, Union
+import uuid
 
 from etils import epath
 

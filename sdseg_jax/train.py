@@ -17,18 +17,17 @@ import signal
 import time
 from typing import Any, Dict, Iterator, Optional
 
-import jax
-import jax.numpy as jnp
 from etils import epath
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
 from sdseg_jax import checkpoint as checkpoint_lib
 from sdseg_jax import config_lib
 from sdseg_jax import evaluators
 from sdseg_jax import export
-from sdseg_jax.evaluators import common as evaluators_common
 from sdseg_jax import logging_lib
 from sdseg_jax import optim
 from sdseg_jax import restore
@@ -39,6 +38,7 @@ from sdseg_jax import storage
 from sdseg_jax import vae_pretrain
 from sdseg_jax.data import pipeline
 from sdseg_jax.data import registry
+from sdseg_jax.evaluators import common as evaluators_common
 from sdseg_jax.models import model_config
 from sdseg_jax.models import sdseg
 from sdseg_jax.weights import artifacts

@@ -24,9 +24,9 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Dict, Optional
 import urllib.error
 import urllib.request
-from typing import Dict, Optional
 
 BUCKET = "test-bucket"
 _START_TIMEOUT_S = 20.0

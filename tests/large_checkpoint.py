@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import argparse
 import collections
+from collections.abc import Mapping
 import json
 import os
 import pathlib
 import subprocess
 import sys
 import textwrap
-import zipfile
-from collections.abc import Mapping
 from typing import Any
+import zipfile
 
 import numpy as np
 
@@ -143,7 +143,8 @@ def _convert_peak(config: str, checkpoint: pathlib.Path, out: pathlib.Path) -> d
       env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT)))
   if result.returncode:
     raise RuntimeError(f"convert failed ({result.returncode}):\n{result.stderr[-3000:]}")
-  peak = [int(l.split()[1]) for l in result.stderr.splitlines() if l.startswith("PEAK_RSS")]
+  peak = [int(line.split()[1]) for line in result.stderr.splitlines()
+          if line.startswith("PEAK_RSS")]
   return {"peak_bytes": peak[-1], "summary": result.stdout.strip().splitlines()[0]}
 
 

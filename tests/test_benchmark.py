@@ -61,7 +61,8 @@ def test_map_microbatches_equals_one_call():
 
 def test_mfu_basis():
   info = {"peak_tflops": {"bfloat16": 989.4, "float32": 494.7}}
-  # 1056 inference images/s is 100% of an H100's dense bf16 peak (performance.md section 2.1).
+  # 1056 inference images/s is 100% of an H100's dense bf16 peak
+  # (docs/performance.md#throughput-ceilings).
   assert benchmark.mfu(1056.0, "infer", "bfloat16", info) == pytest.approx(1.0, rel=1e-3)
   assert benchmark.mfu(1056.0, "infer", "bfloat16", info, full_size=False) is None
   assert benchmark.mfu(1.0, "train", "bfloat16", {"peak_tflops": None}) is None
@@ -113,6 +114,7 @@ def _require_torch() -> None:
 def test_torch_baseline_in_the_same_run(monkeypatch):
   _require_torch()
   import diffusers  # pylint: disable=g-import-not-at-top
+
   from sdseg_jax import benchmark_torch  # pylint: disable=g-import-not-at-top
 
   # Shrink the baseline the same way as the JAX model; the functions read these at call time.

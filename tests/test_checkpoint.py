@@ -16,14 +16,17 @@ import flax
 import grain
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 import pytest
 
 from sdseg_jax import checkpoint
 from sdseg_jax import export
-from sdseg_jax.checkpoint import CheckpointError, Checkpointer
+from sdseg_jax.checkpoint import Checkpointer
+from sdseg_jax.checkpoint import CheckpointError
 from sdseg_jax.weights import artifacts
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]

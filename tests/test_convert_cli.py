@@ -5,10 +5,10 @@ import pathlib
 import subprocess
 import sys
 
+from flax import traverse_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from sdseg_jax.weights import artifacts
 from sdseg_jax.weights import convert

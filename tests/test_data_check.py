@@ -6,10 +6,12 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
-from sdseg_jax.data import base, check, configs
+from sdseg_jax.data import base
+from sdseg_jax.data import check
+from sdseg_jax.data import configs
 
 
 @pytest.fixture

@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from sdseg_jax.data import configs, pipeline, transforms
+from sdseg_jax.data import configs
+from sdseg_jax.data import pipeline
+from sdseg_jax.data import transforms
 from tests import test_data_fakes as fakes
 
 N = 20

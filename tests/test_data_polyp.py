@@ -5,9 +5,14 @@ import pathlib
 import numpy as np
 import pytest
 
-from sdseg_jax.data import base, check, configs, cvc, registry, splits
+from sdseg_jax.data import base
+from sdseg_jax.data import check
+from sdseg_jax.data import configs
+from sdseg_jax.data import cvc
+from sdseg_jax.data import registry
+from sdseg_jax.data import splits
 
-# -- Kvasir-SEG -------------------------------------------------------------------------------------
+# -- Kvasir-SEG ------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +71,7 @@ def test_stored_split_mismatch_is_an_error(kvasir_config, tmp_path):
     registry.make_source(kvasir_config, "test", split_dir)
 
 
-# -- CVC-ClinicDB -----------------------------------------------------------------------------------
+# -- CVC-ClinicDB ----------------------------------------------------------------------------------
 
 
 def _cvc_config(root, **kw):

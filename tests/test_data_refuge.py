@@ -3,10 +3,16 @@
 import shutil
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
-from sdseg_jax.data import check, configs, pipeline, refuge, refuge_crop, registry, splits
+from sdseg_jax.data import check
+from sdseg_jax.data import configs
+from sdseg_jax.data import pipeline
+from sdseg_jax.data import refuge
+from sdseg_jax.data import refuge_crop
+from sdseg_jax.data import registry
+from sdseg_jax.data import splits
 from tests import test_data_fakes as fakes
 
 

@@ -5,7 +5,12 @@ import sys
 import numpy as np
 import pytest
 
-from sdseg_jax.data import base, configs, pipeline, registry, splits, tfds_build
+from sdseg_jax.data import base
+from sdseg_jax.data import configs
+from sdseg_jax.data import pipeline
+from sdseg_jax.data import registry
+from sdseg_jax.data import splits
+from sdseg_jax.data import tfds_build
 from tests import test_data_fakes as fakes
 
 

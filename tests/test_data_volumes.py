@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 
-from sdseg_jax.data import base, btcv, check, configs, pipeline, registry, splits, sts3d
+from sdseg_jax.data import base
+from sdseg_jax.data import btcv
+from sdseg_jax.data import check
+from sdseg_jax.data import configs
+from sdseg_jax.data import pipeline
+from sdseg_jax.data import registry
+from sdseg_jax.data import splits
+from sdseg_jax.data import sts3d
 from tests import test_data_fakes as fakes
 
 BTCV_IDS = ["0001", "0005", "0006", "0007"]

@@ -1,4 +1,5 @@
-"""Tests for the lent-GPU tooling: the wheelhouse check, the profile reduction, the benchmark script.
+"""Tests for the lent-GPU tooling: the wheelhouse check, the profile reduction, the benchmark
+script.
 
 The GPU itself is not here, so these check everything around it: that the wheelhouse check
 refuses an incomplete or ambiguous set, that the trace reduction counts each device op once,
@@ -45,7 +46,7 @@ def _wheel(folder: pathlib.Path, filename: str, requires=(), size: int = 0) -> p
   name, version = filename.split("-")[:2]
   path = folder / filename
   with zipfile.ZipFile(path, "w") as z:
-    meta = [f"Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
+    meta = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
     meta += [f"Requires-Dist: {r}" for r in requires]
     z.writestr(f"{name}-{version}.dist-info/METADATA", "\n".join(meta) + "\n")
     if size:

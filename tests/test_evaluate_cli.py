@@ -6,20 +6,20 @@ import os
 import subprocess
 import sys
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from flax import traverse_util
 
 from sdseg_jax import config_lib
 from sdseg_jax import evaluate
-from sdseg_jax.evaluators import common as evaluators_common
-from sdseg_jax.evaluators import dice as evaluator_lib
 from sdseg_jax import metrics
 from sdseg_jax import restore
 from sdseg_jax import sharding as sharding_lib
+from sdseg_jax.evaluators import common as evaluators_common
+from sdseg_jax.evaluators import dice as evaluator_lib
 from tests import trained_run
 
 REPO = trained_run.pathlib.Path(__file__).resolve().parents[1]

@@ -8,8 +8,8 @@ import sys
 
 import nibabel as nib
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from sdseg_jax import evaluate_folder as ef
 from sdseg_jax import mask_io

@@ -16,7 +16,6 @@ before any training, naming the path.
 """
 
 import json
-import os
 import pathlib
 import subprocess
 import sys

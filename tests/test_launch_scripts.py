@@ -123,8 +123,8 @@ def test_tpu_stop_and_delete_dry_run():
 
 
 def test_tpu_setup_dry_run_pins_jax_from_requirements():
-  pinned = next(l for l in (REPO_ROOT / "requirements.txt").read_text().splitlines()
-                if l.startswith("jax=="))
+  pinned = next(line for line in (REPO_ROOT / "requirements.txt").read_text().splitlines()
+                if line.startswith("jax=="))
   out = _dry("setup.sh")
   assert "jax\\[tpu\\]==" + pinned.split("==")[1] in out.replace("'", "")
 

@@ -27,7 +27,7 @@ def test_small_synthetic_run_learns(tmp_path):
                          "tests/configs/learning.py", "--workdir", str(workdir)],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   losses = [r["train/loss"] for r in records if "train/loss" in r]
   assert len(losses) == 15
   early, late = np.mean(losses[:3]), np.mean(losses[-3:])

@@ -60,7 +60,8 @@ def test_appends_across_restarts_and_tensorboard_is_optional(tmp_path):
   second = logging_lib.MetricWriter(tmp_path, tensorboard=False)
   second.write(2, {"a": 2.0})
   second.close()
-  steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  steps = [json.loads(line)["step"]
+           for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert steps == [1, 2]  # a resumed run continues the file
   assert not (tmp_path / "tensorboard").exists()
 

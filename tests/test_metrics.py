@@ -9,7 +9,6 @@ import pytest
 from sdseg_jax import metrics
 from sdseg_jax import surface_distance as sd
 
-
 # ----------------------------------------------------------------------------------------------
 # Independent references (deliberately not using scipy.ndimage).
 

@@ -1,7 +1,8 @@
 """Our Flax SDSeg reproduces the official PyTorch modules' outputs (float32) and key layouts.
 
 References come from `tiny_reference*.npz`, produced by the official modules with the fixture
-checkpoints (see the fixture folder's SOURCE.md). Tolerance: max abs error <= 1e-4 x max |ref|.
+checkpoints (see ../shared/fixtures/official-sdseg/SOURCE.md). Tolerance: max abs error
+<= 1e-4 x max |ref|.
 """
 
 import json

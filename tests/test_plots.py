@@ -4,8 +4,8 @@ import json
 import math
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from sdseg_jax import plots
 

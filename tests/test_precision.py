@@ -1,6 +1,6 @@
 """bf16 compute vs float32: output tolerances and the parts that must stay float32.
 
-The precision policy (design.md section 6.5): parameters float32; convolutions and matmuls in the
+The precision policy (docs/design.md#precision): parameters float32; convolutions and matmuls in the
 compute dtype; GroupNorm statistics, attention logits/softmax, the x0 recovery and the loss in
 float32. bf16 is the default on GPU/TPU ("auto"), so these tests pin down how far its outputs
 may drift from float32 on the same weights, and catch a change that silently moves a
@@ -16,8 +16,8 @@ the time of writing are in brackets; the bounds leave roughly 3-4x headroom:
   * training loss:        |L_bf16 - L_f32| / L_f32 <= 0.01        [~0.0004]
 """
 
-import functools
 import collections
+import functools
 from typing import Any, Callable, Counter, Iterator
 
 import jax

@@ -4,9 +4,9 @@ import json
 
 import nibabel as nib
 import numpy as np
+from PIL import Image
 import pytest
 import tifffile
-from PIL import Image
 
 from sdseg_jax import predict
 from sdseg_jax import restore

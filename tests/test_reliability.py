@@ -10,9 +10,9 @@
                     MAX_RELATIVE_MISMATCH);
   disk full         the checkpoint folder is on a tmpfs (a private mount namespace, so no root
                     is needed where user namespaces are allowed) that is filled up once the
-                    first checkpoint is committed: the second save fails, the run stops with one error line saying "no space
-                    left on device", naming the step that failed and the complete one a rerun
-                    resumes from, and that one restores;
+                    first checkpoint is committed: the second save fails, the run stops with
+                    one error line saying "no space left on device", naming the step that failed
+                    and the complete one a rerun resumes from, and that one restores;
   corrupt image     a dataset with an undecodable image stops in the pre-training check, before
                     step 0 and before the VAE pre-training, naming the file;
   corrupt mid-run   an image truncated after the check (the loader reads files lazily, every
@@ -194,7 +194,7 @@ def _kill_during_save(proc: subprocess.Popen, checkpoints: pathlib.Path, first: 
 
 
 @pytest.fixture(scope="module")
-def killed_run(tmp_path_factory, reference) -> pathlib.Path:
+def killed_run(tmp_path_factory, reference) -> pathlib.Path:  # noqa: F811 (fixture)
   """workdir/../killed_logs/: kill.json (seed, chosen and killed step), kill.log, resume.log."""
   def produce(workdir: pathlib.Path) -> None:
     seed = int(os.environ.get("SDSEG_KILL_SEED", time.time_ns() % 10**6))
@@ -254,7 +254,7 @@ def _assert_states_equal(a, b, where: str) -> None:
     np.testing.assert_array_equal(x, y, err_msg=f"{jax.tree_util.keystr(path)} {where}")
 
 
-def test_sigkill_and_rerun_end_bit_identical_to_an_uninterrupted_run(killed_run, reference):
+def test_sigkill_and_rerun_end_bit_identical_to_an_uninterrupted_run(killed_run, reference):  # noqa: F811
   """Steps 3 and 4 (the reference's checkpoints): params, Adam moments, EMA, step, PRNG key
   and data position equal. Step 4 is always trained after the resume; step 3 is the surviving
   checkpoint when the kill hit the save of step 4."""
@@ -315,7 +315,7 @@ def _assert_reduction_order_only(report: dict, where: str) -> None:
     assert numbers["fraction_apart"] < MAX_FRACTION_APART, (field, report, where)
 
 
-def test_resume_on_4_devices_matches_the_8_device_run(resharded, killed_run):
+def test_resume_on_4_devices_matches_the_8_device_run(resharded, killed_run):  # noqa: F811
   """Steps 5-6 on 4 devices from the reference's step-4 checkpoint vs the same steps on 8."""
   start, _, _ = loop.restore_checkpoint(killed_run, step=loop.MAX_STEPS)
   state4, data4, extra4 = loop.restore_checkpoint(resharded, step=KILL_RUN_STEPS)
@@ -328,7 +328,7 @@ def test_resume_on_4_devices_matches_the_8_device_run(resharded, killed_run):
 
 
 @pytest.fixture(scope="module")
-def single_process_twin(tmp_path_factory, job) -> pathlib.Path:
+def single_process_twin(tmp_path_factory, job) -> pathlib.Path:  # noqa: F811 (fixture)
   """The two-process job's command run as ONE process on 8 devices, from the job's VAE.
 
   The job pre-trains its own VAE, and those 5 Adam steps already differ by reduction order
@@ -347,7 +347,7 @@ def single_process_twin(tmp_path_factory, job) -> pathlib.Path:
   return loop.shared_run(tmp_path_factory, "single_process_twin", produce)
 
 
-def test_two_process_job_matches_a_single_process_run(job, single_process_twin):
+def test_two_process_job_matches_a_single_process_run(job, single_process_twin):  # noqa: F811
   from tests import test_multiprocess_train as mp  # pylint: disable=g-import-not-at-top
   two, _, extra2 = loop.restore_checkpoint(job, step=mp.STEPS, restore_data_state=False)
   one, _, extra1 = loop.restore_checkpoint(single_process_twin, step=mp.STEPS)
@@ -403,7 +403,7 @@ def _private_mount_prefix() -> List[str]:
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_says_so(
-    tmp_path, tmp_path_factory, reference):
+    tmp_path, tmp_path_factory, reference):  # noqa: F811 (fixture)
   prefix = _private_mount_prefix()
   workdir, copy, log = tmp_path / "run", tmp_path / "copy" / "checkpoints", tmp_path / "run.log"
   tmpfs = tmp_path / "tmpfs"

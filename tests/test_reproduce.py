@@ -249,7 +249,9 @@ def test_cli_rejects_unknown_flags_and_bad_steps(capsys):
 
 
 def test_training_lengths_follow_the_official_checkpoints():
-  from configs import btcv as btcv_config, kvasir, sts3d  # pylint: disable=g-import-not-at-top
+  from configs import btcv as btcv_config  # pylint: disable=g-import-not-at-top
+  from configs import kvasir  # pylint: disable=g-import-not-at-top
+  from configs import sts3d  # pylint: disable=g-import-not-at-top
   assert sts3d.get_config().train.max_steps == 125_000  # epoch=199-step=124999.ckpt
   assert btcv_config.get_config().train.max_steps == 70_000  # epoch=126-step=69999.ckpt
   assert kvasir.get_config().train.max_steps == 100_000

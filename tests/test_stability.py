@@ -3,8 +3,8 @@
 import json
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from sdseg_jax import image_similarity
 from sdseg_jax import restore

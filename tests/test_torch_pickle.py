@@ -16,11 +16,19 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from sdseg_jax.weights.torch_pickle import (CheckpointFormatError, OpaqueObject,
-                                            UnsafeCheckpointError, load_torch_checkpoint,
-                                            state_dict_from_checkpoint)
-from tests.torch_format import (Call, Global, Obj, TensorView, dumps, parameter,
-                                write_archive, write_checkpoint)
+from sdseg_jax.weights.torch_pickle import CheckpointFormatError
+from sdseg_jax.weights.torch_pickle import OpaqueObject
+from sdseg_jax.weights.torch_pickle import UnsafeCheckpointError
+from sdseg_jax.weights.torch_pickle import load_torch_checkpoint
+from sdseg_jax.weights.torch_pickle import state_dict_from_checkpoint
+from tests.torch_format import Call
+from tests.torch_format import Global
+from tests.torch_format import Obj
+from tests.torch_format import TensorView
+from tests.torch_format import dumps
+from tests.torch_format import parameter
+from tests.torch_format import write_archive
+from tests.torch_format import write_checkpoint
 
 # Keys every fixture must hold (names only: sizes come from tiny_config.json).
 _EXPECTED_KEYS = {

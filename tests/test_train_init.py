@@ -5,10 +5,10 @@ Uses the official tiny LDM checkpoint, converted here, so the expected values co
 official file rather than from the code under test.
 """
 
+from flax import traverse_util
 import jax
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from configs import base
 from sdseg_jax import sharding as sharding_lib

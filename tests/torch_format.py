@@ -13,12 +13,12 @@ dtypes without a typed storage class (uint16), `_rebuild_tensor_v3` on an untype
 from __future__ import annotations
 
 import collections
+from collections.abc import Mapping, Sequence
 import dataclasses
 import pathlib
 import struct
-import zipfile
-from collections.abc import Mapping, Sequence
 from typing import Any
+import zipfile
 
 import ml_dtypes
 import numpy as np

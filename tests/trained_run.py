@@ -66,6 +66,7 @@ def random_vae(path: pathlib.Path, config: ml_collections.ConfigDict) -> pathlib
   """Writes a randomly initialised VAE of `config.model` as a converted-weights artifact."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   from sdseg_jax.models import sdseg  # pylint: disable=g-import-not-at-top
   from sdseg_jax.weights import artifacts  # pylint: disable=g-import-not-at-top
   model = sdseg.build(config.model)

@@ -17,7 +17,8 @@ import sys
 import tempfile
 import time
 
-from sdseg_jax.data import configs, pipeline
+from sdseg_jax.data import configs
+from sdseg_jax.data import pipeline
 
 
 def measure(root: str, worker_count: int, batch: int, batches: int, warmup: int,

@@ -12,16 +12,18 @@ Labels (`data_config.labels`):
 `target="foreground"` (SDSeg's binary task) is the union of the mapped organs (8-organ union with
 synapse8); `target="multiclass"` keeps the label map in the eval batches' "label".
 
-Intensities (deliberate deviation, sdseg-method.md §10.4): SDSeg's training slices are clipped to
-[-175, 250] HU and mapped to [-1.25, 0.875], its test volumes clipped to [-125, 275] and min-max
-normalised. Here train AND test use one window, [hu_min, hu_max] = [-125, 275] by default,
-mapped linearly to [0, 1] (then to [-1, 1] by the transforms). A fixed map, not a per-volume
-min-max, so a slice's value never depends on the rest of its volume. `intensity="official"`
+Intensities (deliberate deviation, docs/method.md#one-btcv-intensity-window): SDSeg's training
+slices are clipped to [-175, 250] HU and mapped to [-1.25, 0.875], its test volumes clipped to
+[-125, 275] and min-max normalised. Here train AND test use one window,
+[hu_min, hu_max] = [-125, 275] by default, mapped linearly to [0, 1] (then to [-1, 1] by the
+transforms). A fixed map, not a per-volume min-max, so a slice's value never depends on the rest
+of its volume. `intensity="official"`
 restores the official pair (train and test differ) for the `official` reproduction protocol.
 
 Split ("transunet"): TransUNet's 12 test volumes (0001 0002 0003 0004 0008 0022 0025 0029 0032
 0035 0036 0038, also SDSeg's) and its 18 training volumes, of which `val_size` (seeded) are held
-out for model selection: SDSeg selected its checkpoint on the test volumes (§10.2).
+out for model selection: SDSeg selected its checkpoint on the test volumes
+(docs/method.md#model-selection-on-a-validation-split).
 Training and validation read axial slices; evaluation reassembles volumes from the "case" and
 "slice" fields of the eval batches (every slice is kept, empty ones included, as in SDSeg).
 """
@@ -34,7 +36,8 @@ import pathlib
 import numpy as np
 
 from sdseg_jax import errors
-from sdseg_jax.data import splits as splits_lib, volumes
+from sdseg_jax.data import splits as splits_lib
+from sdseg_jax.data import volumes
 
 TEST_IDS = ("0001", "0002", "0003", "0004", "0008", "0022", "0025", "0029", "0032", "0035",
             "0036", "0038")

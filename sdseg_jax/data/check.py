@@ -24,7 +24,10 @@ from typing import Any
 import numpy as np
 
 from sdseg_jax import storage
-from sdseg_jax.data import base, configs, splits as splits_lib, volumes
+from sdseg_jax.data import base
+from sdseg_jax.data import configs
+from sdseg_jax.data import splits as splits_lib
+from sdseg_jax.data import volumes
 
 BINARY_SETS = ("kvasir", "cvc")
 VOLUME_SETS = ("btcv", "sts3d")
@@ -96,7 +99,7 @@ def _find(data_config):
   raise ValueError(f"no integrity check for dataset {name!r}")
 
 
-# -- per-file checks --------------------------------------------------------------------------------
+# -- per-file checks -------------------------------------------------------------------------------
 
 def _check_mask_values(dataset: str, path: str, arr: np.ndarray, report: Report) -> bool:
   """Returns whether the mask has foreground; records a problem if its values are wrong."""
@@ -184,7 +187,7 @@ def _check_case(dataset: str, case: volumes.Case, full: bool, report: Report) ->
   return shapes["image"][-1]
 
 
-# -- dataset level ----------------------------------------------------------------------------------
+# -- dataset level ---------------------------------------------------------------------------------
 
 def check_dataset(data_config, split_dir: pathlib.Path | None = None,
                   full: bool = True) -> Report:

@@ -14,10 +14,10 @@ from sdseg_jax import errors
 def _common(name: str, root: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = name                  # kvasir | cvc | refuge | btcv | sts3d | synthetic
-  c.root = root                  # the dataset's download folder (see data/README.md)
+  c.root = root                  # the dataset's download folder (sdseg_jax/data/README.md)
   c.format = "folder"            # folder: read the download directly; tfds: ArrayRecord build
   c.tfds_data_dir = ""           # where tfds_build wrote the ArrayRecord files (format=tfds)
-  c.tfds_cache_dir = ""          # local copy of a gs:// tfds_data_dir ("" = ~/.cache/sdseg_jax/tfds)
+  c.tfds_cache_dir = ""          # local copy of a gs:// tfds_data_dir ("": ~/.cache/sdseg_jax/tfds)
   c.image_size = 256             # model resolution S (images and masks S x S)
   c.interpolation = "bilinear"   # image resize filter (masks are always nearest)
   c.target = "foreground"        # foreground | cup | disc | multiclass (transforms.TARGETS)

@@ -23,7 +23,8 @@ from __future__ import annotations
 import pathlib
 
 from sdseg_jax import errors
-from sdseg_jax.data import base, splits as splits_lib
+from sdseg_jax.data import base
+from sdseg_jax.data import splits as splits_lib
 
 EXTS = (".tif", ".tiff", ".png", ".bmp", ".jpg")
 MASK_DIR = "Ground Truth"

@@ -6,7 +6,8 @@ per image (332..1920 wide), each mask has its image's size.
 
 Split schemes (`data_config.split`):
   "sdseg"       800/100/100 like the paper's code, but from a SEEDED permutation of the SORTED
-                ids instead of an unsorted glob (not reproducible, sdseg-method.md §10.3).
+                ids instead of an unsorted glob (not reproducible,
+                docs/method.md#reproducible-splits).
   "medico2020"  the dataset authors' MediaEval-2020 880/120 split: its 120 are the test set and
                 `val_size` ids drawn (seeded) from its 880 are the validation set, so model
                 selection never sees test images. The lists come from `ROOT/splits/medico2020`
@@ -18,7 +19,8 @@ from __future__ import annotations
 import pathlib
 
 from sdseg_jax import errors
-from sdseg_jax.data import base, splits as splits_lib
+from sdseg_jax.data import base
+from sdseg_jax.data import splits as splits_lib
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 
@@ -31,7 +33,7 @@ def find_pairs(root: pathlib.Path):
 def _read_list(path: pathlib.Path) -> list[str]:
   if not path.exists():
     raise base.DataError(f"split list not found: {path}")
-  return sorted(pathlib.Path(l).stem for l in path.read_text().split() if l)
+  return sorted(pathlib.Path(name).stem for name in path.read_text().split() if name)
 
 
 def propose_split(data_config, names: list[str]) -> dict[str, list[str]]:

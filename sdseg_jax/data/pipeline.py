@@ -27,7 +27,8 @@ import numpy as np
 
 from sdseg_jax import errors
 from sdseg_jax import storage
-from sdseg_jax.data import registry, transforms
+from sdseg_jax.data import registry
+from sdseg_jax.data import transforms
 from sdseg_jax.data.base import DataError
 
 Batch = dict[str, np.ndarray]

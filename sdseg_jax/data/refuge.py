@@ -20,7 +20,8 @@ on disc-centred crops, so make them first with `refuge_crop`.
 Split schemes (by the REFUGE name prefix: g/n = Training400, V = Validation400, T = Test400):
   "challenge"  train g*/n* (400), val V* (400), test T* (400): the challenge's own split.
   "sdseg"      train = g*, n*, V* (800) minus `val_size` seeded images held out for validation,
-               test T* (400). SDSeg itself validated on the test set (sdseg-method.md §10.2).
+               test T* (400). SDSeg itself validated on the test set
+               (docs/method.md#model-selection-on-a-validation-split).
 Names with another prefix (new REFUGE2 images) go to train.
 """
 
@@ -31,7 +32,8 @@ import pathlib
 import numpy as np
 
 from sdseg_jax import errors
-from sdseg_jax.data import base, splits as splits_lib
+from sdseg_jax.data import base
+from sdseg_jax.data import splits as splits_lib
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif")
 MASK_EXTS = (".bmp", ".png")

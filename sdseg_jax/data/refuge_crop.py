@@ -25,7 +25,8 @@ import sys
 import numpy as np
 from PIL import Image
 
-from sdseg_jax.data import base, refuge
+from sdseg_jax.data import base
+from sdseg_jax.data import refuge
 
 
 def read_centres(path: pathlib.Path) -> dict[str, tuple[float, float]]:

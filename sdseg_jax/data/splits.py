@@ -1,12 +1,12 @@
 """Train/val/test splits as plain text files, written once and then reused.
 
 The official SDSeg code slices unsorted `glob` listings, so its splits depend on the filesystem
-(sdseg-method.md §10.3). Here a split is proposed deterministically from SORTED names and a seed,
-written to `split_dir/{train,val,test}.txt` (one name a line) plus `split_dir/split_info.json`,
-and every later run reads those files back. Reading the files instead of recomputing means a
-run keeps its split even if the proposing code changes, and a split can be hand-edited or
-copied between runs. A split that names data that is not on disk is an error, never a silent
-shrink of the dataset.
+(docs/method.md#reproducible-splits). Here a split is proposed deterministically from SORTED names
+and a seed, written to `split_dir/{train,val,test}.txt` (one name a line) plus
+`split_dir/split_info.json`, and every later run reads those files back. Reading the files instead
+of recomputing means a run keeps its split even if the proposing code changes, and a split can be
+hand-edited or copied between runs. A split that names data that is not on disk is an error, never a
+silent shrink of the dataset.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def _write_atomic(path: storage.PathLike, text: str) -> None:
 
 def read_split_files(split_dir: storage.PathLike) -> dict[str, list[str]]:
   split_dir = storage.path(split_dir)
-  return {s: [l.strip() for l in (split_dir / f"{s}.txt").read_text().splitlines() if l.strip()]
+  return {s: [line.strip() for line in (split_dir / f"{s}.txt").read_text().splitlines()
+              if line.strip()]
           for s in SPLITS}
 
 

@@ -6,7 +6,8 @@ Layout: `ROOT/[labelled/]image/Teeth_NNNN_0000.nii.gz` + `ROOT/[labelled/]label/
 Intensities: window W1200/L500 (clip [-100, 1100]) then per-volume min-max of the clipped volume
 to [0, 1], as SDSeg's preprocessing, for train and test alike.
 
-Deliberate deviations from the official code (sdseg-method.md §7.2, §10.13, §10.16):
+Deliberate deviations from the official code
+(docs/method.md#one-sts-3d-preprocessing-for-all-splits):
   * the same preprocessing for train and test: SDSeg cleaned training labels only (components
     < 64 voxels removed, masked by image != min) and skipped constant slices in training only.
     Here labels are binarised (> 0) everywhere; `clean_labels=True` removes components smaller
@@ -27,7 +28,8 @@ import numpy as np
 from scipy import ndimage
 
 from sdseg_jax import errors
-from sdseg_jax.data import splits as splits_lib, volumes
+from sdseg_jax.data import splits as splits_lib
+from sdseg_jax.data import volumes
 
 TRAIN_IDS = tuple(f"Teeth_{i:04d}_0000" for i in range(1, 10))
 TEST_IDS = tuple(f"Teeth_{i:04d}_0000" for i in range(10, 13))

@@ -81,7 +81,7 @@ def target_to_model(binary: np.ndarray) -> np.ndarray:
 
 
 class Preprocess(grain.transforms.Map):
-  """Raw record -> {"image", "mask"} (train) or {"image", "label", "name", "case", "slice"} (eval)."""
+  """Raw record -> {"image", "mask"} (train), {"image", "label", "name", "case", "slice"} (eval)."""
 
   def __init__(self, image_size: int, interpolation: str = "bicubic",
                target: str = "foreground", train: bool = True, keep_label: bool = False):

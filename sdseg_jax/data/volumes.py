@@ -30,7 +30,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from sdseg_jax import storage
-from sdseg_jax.data.base import DataError, Record
+from sdseg_jax.data.base import DataError
+from sdseg_jax.data.base import Record
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 

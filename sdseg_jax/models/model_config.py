@@ -50,7 +50,7 @@ def model_config(ddconfig: Optional[Mapping[str, Any]] = None,
   # Compute dtype of convs/matmuls: "auto" (default: bfloat16 on GPU/TPU, float32 on CPU,
   # resolved by sdseg.build from jax.default_backend()), "float32" or "bfloat16". Params, GroupNorm
   # statistics, attention logits/softmax, the loss and the x0 recovery always stay float32
-  # (design.md section 6.5; bf16-vs-f32 tolerances in tests/test_precision.py).
+  # (docs/design.md#precision; bf16-vs-f32 tolerances in tests/test_precision.py).
   cfg.compute_dtype = "auto"
   # Matmul/conv precision: "default", "high" or "highest" (for parity checks on TPU/GPU).
   cfg.precision = "default"

@@ -193,7 +193,8 @@ def _ema_key_map(state: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
 
 
 def convert_autoencoder(state: Mapping[str, np.ndarray], vae_target: Tree, *,
-                        prefix: str = "", source: str = "autoencoder") -> Tuple[Tree, ConversionReport]:
+                        prefix: str = "", source: str = "autoencoder"
+                        ) -> Tuple[Tree, ConversionReport]:
   """kl-f8 autoencoder state_dict -> VAE params (`loss.*` keys are ignored)."""
   report = ConversionReport(source)
   loss_prefix = prefix + "loss."

@@ -19,8 +19,10 @@ The official SDSeg recipe starts from public Latent Diffusion weights:
   * kl-f8 autoencoder: https://ommer-lab.com/files/latent-diffusion/kl-f8.zip (model.ckpt)
   * LSUN-Churches LDM: https://ommer-lab.com/files/latent-diffusion/lsun_churches.zip (model.ckpt)
 Convert them once (no torch needed):
-  python -m sdseg_jax.convert --config CONFIG --kind autoencoder --checkpoint kl-f8/model.ckpt --out {vae_hint}
-  python -m sdseg_jax.convert --config CONFIG --kind ldm_unet --checkpoint lsun_churches/model.ckpt --out {unet_hint}
+  python -m sdseg_jax.convert --config CONFIG --kind autoencoder \\
+      --checkpoint kl-f8/model.ckpt --out {vae_hint}
+  python -m sdseg_jax.convert --config CONFIG --kind ldm_unet \\
+      --checkpoint lsun_churches/model.ckpt --out {unet_hint}
 and point config.init.vae / config.init.unet at the .npz files. Without downloads, use
 --config.init.pretrain_vae_steps=N (trains the VAE on the masks, as configs/demo.py does)."""
 

@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import builtins
 import collections
+from collections.abc import Mapping
 import dataclasses
 import io
 import os
 import pickle
 import sys
+from typing import Any
 import zipfile
 import zlib
-from collections.abc import Mapping
-from typing import Any
 
 import ml_dtypes
 import numpy as np
