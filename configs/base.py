@@ -132,7 +132,8 @@ def benchmark_config(dataset: str, root: str, eval_every: int, variant: str = ""
   config.eval.every_steps = eval_every
   config.checkpoint.every_steps = eval_every
   # The official configs set no length; the official checkpoints do (STS-3D 125k steps, BTCV
-  # binary 70k) and the author's "at most ~100k steps" covers the rest (docs/method.md).
+  # binary 70k) and the author's "at most ~100k steps" covers the rest
+  # (docs/method.md#a-training-length).
   config.train.max_steps = train_steps
   if variant == "runlocal":
     config.train.global_batch_size = 2
