@@ -36,6 +36,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
        "(only the `official` reproduction protocol sets config.eval.select_on_test to redo it)")
   need(config.eval.get("noise", "per_image") in ("per_image", "shared"),
        "config.eval.noise must be 'per_image' or 'shared'")
+  need(config.checkpoint.get("export_dtype", "float32") in ("float32", "bfloat16"),
+       "config.checkpoint.export_dtype must be 'float32' or 'bfloat16'")
   need(config.mesh.strategy in ("dp", "fsdp"), "config.mesh.strategy must be 'dp' or 'fsdp'")
   need(config.mesh.cpu_devices >= -1,
        "config.mesh.cpu_devices must be -1 (one per core), 0 (JAX's default) or a count")

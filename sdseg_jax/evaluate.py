@@ -1,8 +1,9 @@
 """Scores a trained run on a data split: the paper's Dice/IoU protocol, single step or DDIM.
 
   python -m sdseg_jax.evaluate --workdir DIR [--split test] [--checkpoint best|last|STEP|export]
-      [--ddim-steps 0[,2,10,50]] [--ddim-eta 1.0] [--seed 0] [--json FILE] [--hd95]
-      [--batch-size N] [--empty-convention official|both_empty_is_one] [--per-case]
+      [--ddim-steps 0[,2,10,50]] [--ddim-eta 1.0] [--seed 0] [--noise per_image|shared]
+      [--json FILE] [--hd95] [--batch-size N] [--empty-convention official|both_empty_is_one]
+      [--per-case]
 
 What it does, and why this way:
   * Weights: EMA UNet + live vision encoder + the run's frozen VAE and scale factor
@@ -73,18 +74,22 @@ def make_loader(run: restore.Run, split: str, batch_size: Optional[int] = None):
       process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def _sampler(ddim_steps: int, ddim_eta: float, seed: int) -> Dict[str, Any]:
+NOISE_TEXT = {"per_image": "one z_T per image from fold_in(key(seed), batch index)",
+              "shared": "one z_T from key(seed) shared by every image (the official log_dice)"}
+
+
+def _sampler(ddim_steps: int, ddim_eta: float, seed: int, noise: str) -> Dict[str, Any]:
   if ddim_steps > 0:
     return {"kind": "ddim", "steps": int(ddim_steps), "eta": float(ddim_eta), "noise_seed": seed,
-            "noise": "one z_T per image from fold_in(key(seed), batch index)"}
+            "noise": NOISE_TEXT[noise]}
   return {"kind": "single_step", "steps": 1, "t": "T-1", "noise_seed": seed,
-          "noise": "one z_T per image from fold_in(key(seed), batch index)"}
+          "noise": NOISE_TEXT[noise]}
 
 
 def evaluate(run: restore.Run, split: str = "test", *, ddim_steps: int = 0,
              ddim_eta: float = 1.0, seed: int = 0, distances: bool = False,
              batch_size: Optional[int] = None,
-             empty_convention: Optional[str] = None) -> Dict[str, Any]:
+             empty_convention: Optional[str] = None, noise: str = "per_image") -> Dict[str, Any]:
   """Scores `run` on `split`; returns the JSON summary (see module docstring)."""
   if ddim_steps < 0:
     raise errors.ConfigError(f"--ddim-steps must be >= 0 (0 = single step), got {ddim_steps}")
@@ -95,7 +100,7 @@ def evaluate(run: restore.Run, split: str = "test", *, ddim_steps: int = 0,
   start = time.perf_counter()
   evaluator = evaluators.get("dice")(run.model, run.mesh, loader, noise_seed=seed,
                                      empty_convention=convention, ddim_steps=ddim_steps,
-                                     ddim_eta=ddim_eta, distances=distances)
+                                     ddim_eta=ddim_eta, distances=distances, noise=noise)
   result = evaluator.run(run.params, run.vae_params, run.scale_factor)
   seconds = time.perf_counter() - start
   names = ["dice", "iou"] + (["hd95", "assd"] if distances else [])
@@ -104,7 +109,7 @@ def evaluate(run: restore.Run, split: str = "test", *, ddim_steps: int = 0,
   out: Dict[str, Any] = {
       "workdir": str(run.workdir), "split": split,
       "checkpoint": {"requested": run.checkpoint, "step": run.step, "source": run.source},
-      "dataset": run.config.data.name, "sampler": _sampler(ddim_steps, ddim_eta, seed),
+      "dataset": run.config.data.name, "sampler": _sampler(ddim_steps, ddim_eta, seed, noise),
       "convention": convention, "dimension": result["dimension"],
       "case_unit": "volume" if result["dimension"] == "3d" else "image",
       "n_cases": result["num_cases"], "mean": summary["mean"], "std": summary["std"],
@@ -199,6 +204,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                            "evaluates each")
   parser.add_argument("--ddim-eta", type=float, default=1.0)
   parser.add_argument("--seed", type=int, default=0, help="noise seed")
+  parser.add_argument("--noise", default=None, choices=("per_image", "shared"),
+                      help="one z_T per image, or one shared by every image (the official "
+                           "protocol); default: the run's config.eval.noise (per_image)")
   parser.add_argument("--json", default=None, help="output file (one --ddim-steps value only)")
   parser.add_argument("--hd95", action="store_true", help="also HD95 and ASSD (pixels)")
   parser.add_argument("--batch-size", type=int, default=None,
@@ -220,7 +228,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for steps in args.ddim_steps:
       result = evaluate(run, args.split, ddim_steps=steps, ddim_eta=args.ddim_eta,
                         seed=args.seed, distances=args.hd95, batch_size=args.batch_size,
-                        empty_convention=args.empty_convention)
+                        empty_convention=args.empty_convention,
+                        noise=args.noise or run.config.eval.get("noise", "per_image"))
       path = storage.path(args.json) if args.json else (
           run.workdir / "eval" / output_name(args.split, run.checkpoint, steps))
       write_json(result, path)

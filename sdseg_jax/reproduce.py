@@ -2,7 +2,7 @@
 
   python -m sdseg_jax.reproduce --config configs/kvasir.py --seeds 3 --workdir DIR \
       [--protocol clean|official] [--ddim-steps 10,50] [--stability-runs 10] \
-      [--config.data.root=/data/Kvasir-SEG ...]
+      [--export-dtype bfloat16|float32] [--config.data.root=/data/Kvasir-SEG ...]
 
 For seed i (0..K-1) the run is trained in DIR/seed_<s> with config.seed = s = config.seed + i
 (seed 0 is the plain `main` run of the same config), then scored on the test split by
@@ -10,6 +10,8 @@ For seed i (0..K-1) the run is trained in DIR/seed_<s> with config.seed = s = co
 by `sdseg_jax.stability` (--stability-runs noise seeds), on the checkpoint the protocol selects.
 Every seed directory is an ordinary run directory: `evaluate`, `predict` and `stability` work on
 it as on any other. DIR/report.md and DIR/report.json gather the numbers (sdseg_jax/repro).
+Each seed's inference export (DIR/seed_<s>/export/inference.npz) is written in bfloat16 by
+default, to share: the report lists its size and SHA-256.
 
 Resumable: rerunning the command skips what is finished (a seed whose training reached
 max_steps, an evaluation whose JSON names the current checkpoint) and resumes an interrupted
@@ -116,6 +118,16 @@ def train_seed(config: ml_collections.ConfigDict, seed_dir) -> Dict[str, Any]:
   return record
 
 
+def export_record(seed_dir) -> Optional[Dict[str, Any]]:
+  """Path, dtype, size and SHA-256 of a seed's inference export (None if it has none)."""
+  from sdseg_jax import export  # pylint: disable=g-import-not-at-top
+  path = storage.path(seed_dir) / "export" / "inference.npz"
+  if not path.exists():
+    return None
+  return {"path": str(path), "dtype": export.load_inference(path)["weights_dtype"],
+          "bytes": path.stat().st_size, "sha256": export.sha256(path)}
+
+
 def _current_step(seed_dir, checkpoint: str) -> Optional[int]:
   from sdseg_jax import restore  # pylint: disable=g-import-not-at-top
   return restore.load_run(str(seed_dir), checkpoint).step
@@ -131,8 +143,7 @@ def evaluate_seed(seed_dir, ddim_steps: int, protocol: Dict[str, Any], step: Opt
     return result
   argv = ["--workdir", str(seed_dir), "--split", protocol["test_split"], "--checkpoint",
           protocol["checkpoint"], "--ddim-steps", str(ddim_steps), "--hd95", "--json", str(path)]
-  if protocol["noise"] != "per_image":
-    argv += ["--noise", protocol["noise"]]
+  argv += ["--noise", protocol["noise"]]
   if evaluate.main(argv) != 0:
     raise ReproduceError(f"{seed_dir}: evaluate {' '.join(argv)} failed (see above)")
   return _read_json(path)
@@ -169,7 +180,7 @@ def environment(command: str) -> Dict[str, Any]:
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, num_seeds: int, protocol_name: str,
         ddim_steps: Sequence[int], stability_runs: int, config_name: str,
-        command: str = "") -> Dict[str, Any]:
+        export_dtype: str = "bfloat16", command: str = "") -> Dict[str, Any]:
   """The whole study; returns the report's JSON (also written to DIR/report.{json,md})."""
   import jax  # pylint: disable=g-import-not-at-top
   if num_seeds < 1:
@@ -177,6 +188,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_seeds: int, prot
   workdir = storage.path(workdir)
   with config.unlocked():
     protocol = protocols.apply(config, protocol_name)
+    config.checkpoint.export_dtype = export_dtype
   config_lib.validate(config)
   study = {"protocol": protocol_name, "config": config_name,
            "config_hash": protocols.config_hash(config)}
@@ -195,7 +207,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_seeds: int, prot
     seeds.append({"seed": seed_config.seed, "workdir": str(seed_dir), "train": train_record,
                   "evals": evals, "stability": stability_seed(seed_dir, stability_runs,
                                                               protocol, step),
-                  "export": None})
+                  "export": export_record(seed_dir)})
   report = report_lib.build_report(dataset=config.data.name, config_name=config_name,
                                    protocol=protocol, seeds=seeds,
                                    environment=environment(command))
@@ -226,6 +238,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, List[
   parser.add_argument("--protocol", default="clean", choices=protocols.PROTOCOLS)
   parser.add_argument("--ddim-steps", type=_steps, default=[], help="e.g. 10,50")
   parser.add_argument("--stability-runs", type=int, default=10, help="0 = skip")
+  parser.add_argument("--export-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                      help="weights dtype of each seed's inference export (default bfloat16)")
   args, rest = parser.parse_known_args(argv)
   unknown = [a for a in rest if not a.startswith("--config.")]
   if unknown:
@@ -246,7 +260,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     distributed.initialize()
     report = run(config, args.workdir, num_seeds=args.seeds, protocol_name=args.protocol,
                  ddim_steps=args.ddim_steps, stability_runs=args.stability_runs,
-                 config_name=args.config,
+                 config_name=args.config, export_dtype=args.export_dtype,
                  command="python -m sdseg_jax.reproduce " + shlex.join(argv))
   except errors.UserFacingError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -309,7 +309,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
         export_path, unet_params=state.ema_unet,
         vision_encoder_params=state.params["vision_encoder"],
         scale_factor=float(state.scale_factor), model_config_json=config.model.to_json(),
-        vae_reference=str(vae_pretrain.frozen_vae_source(config, workdir)[0]))
+        vae_reference=str(vae_pretrain.frozen_vae_source(config, workdir)[0]),
+        dtype=config.checkpoint.get("export_dtype", "float32"))
     if jax.process_index() == 0:
       from sdseg_jax import plots  # pylint: disable=g-import-not-at-top
       plots.plot_training_curves(workdir / "metrics.jsonl", workdir / "curves.png")

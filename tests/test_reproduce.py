@@ -9,6 +9,7 @@ when run on their own.
 import json
 import pathlib
 
+import ml_dtypes
 import numpy as np
 import pytest
 import scipy.stats
@@ -256,3 +257,85 @@ def test_training_lengths_follow_the_official_checkpoints():
   assert btcv_config.get_config().train.max_steps == 70_000  # epoch=126-step=69999.ckpt
   assert kvasir.get_config().train.max_steps == 100_000
   assert sts3d.get_config("runlocal").train.max_steps == 10  # variants still set their own
+
+
+def test_shared_noise_is_one_draw_for_every_image(study):
+  """`--noise shared` (the official protocol): the run's single z_T for every image, so the
+  scores do not depend on the batch size, and equal a direct model.predict with that z_T."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from sdseg_jax import inference  # pylint: disable=g-import-not-at-top
+  from sdseg_jax import metrics  # pylint: disable=g-import-not-at-top
+  from sdseg_jax import restore  # pylint: disable=g-import-not-at-top
+  workdir, _, _ = study
+  run = restore.load_run(str(workdir / "seed_23"), "best")
+  by_8 = evaluate.evaluate(run, "test", noise="shared", batch_size=8, seed=5)
+  by_16 = evaluate.evaluate(run, "test", noise="shared", batch_size=16, seed=5)
+  assert by_8["cases"] == by_16["cases"]
+  assert "shared by every image" in by_8["sampler"]["noise"]
+  per_image = evaluate.evaluate(run, "test", batch_size=8, seed=5)
+  assert per_image["cases"] != by_8["cases"]
+  batch = next(iter(evaluate.make_loader(run, "test", 8)))
+  z_T = jnp.broadcast_to(inference.run_noise(run.model, 5), (8,) + inference.run_noise(
+      run.model, 5).shape[1:])
+  prob = jax.jit(run.model.predict)(run.params, run.vae_params, jnp.asarray(batch["image"]),
+                                    z_T, run.scale_factor)["prob"]
+  for row, case in enumerate(batch["case"]):
+    if batch["valid"][row]:
+      expected = metrics.dice(np.asarray(prob[row]) > 0.5, batch["label"][row])
+      assert by_8["cases"][str(case)]["dice"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_exports_are_bf16_listed_with_their_hash_and_agree_with_float32(study):
+  """Each seed's export is bfloat16 (half the bytes), its SHA-256 is in the report, and its
+  masks agree with the float32 weights of the same step on >= 99.5% of pixels."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from sdseg_jax import inference  # pylint: disable=g-import-not-at-top
+  from sdseg_jax import restore  # pylint: disable=g-import-not-at-top
+  workdir, report, _ = study
+  for run_record in report["runs"]:
+    record = run_record["export"]
+    assert record["dtype"] == "bfloat16"
+    path = pathlib.Path(record["path"])
+    assert record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert record["bytes"] == path.stat().st_size
+  seed_dir = str(workdir / "seed_23")
+  f32, bf16 = restore.load_run(seed_dir, "last"), restore.load_run(seed_dir, "export")
+  batch = next(iter(evaluate.make_loader(f32, "test", 8)))
+  z_T = jax.numpy.broadcast_to(inference.run_noise(f32.model, 0), (8, *inference.run_noise(
+      f32.model, 0).shape[1:]))
+  masks = [np.asarray(jax.jit(r.model.predict)(r.params, r.vae_params, batch["image"], z_T,
+                                               r.scale_factor)["mask"]) for r in (f32, bf16)]
+  assert np.mean(masks[0] == masks[1]) >= 0.995
+  for a, b in zip(jax.tree_util.tree_leaves(f32.params["unet"]),
+                  jax.tree_util.tree_leaves(bf16.params["unet"])):
+    np.testing.assert_array_equal(
+        np.asarray(b), np.asarray(a).astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+def test_bf16_export_halves_the_file_and_round_trips(tmp_path):
+  from sdseg_jax import export  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  unet = {"conv": {"kernel": rng.normal(size=(64, 64, 3, 3)).astype(np.float32)}}
+  encoder = {"proj": {"bias": rng.normal(size=(64,)).astype(np.float32)}}
+  for dtype in ("float32", "bfloat16"):
+    export.export_inference(tmp_path / f"{dtype}.npz", unet_params=unet,
+                            vision_encoder_params=encoder, scale_factor=0.2,
+                            model_config_json="{}", vae_reference="none", dtype=dtype)
+  sizes = {d: (tmp_path / f"{d}.npz").stat().st_size for d in ("float32", "bfloat16")}
+  assert sizes["bfloat16"] < 0.52 * sizes["float32"]
+  back = export.load_inference(tmp_path / "bfloat16.npz")
+  assert back["weights_dtype"] == "bfloat16"
+  kernel = back["unet_params"]["conv"]["kernel"]
+  assert kernel.dtype == np.float32
+  np.testing.assert_array_equal(
+      kernel, unet["conv"]["kernel"].astype(ml_dtypes.bfloat16).astype(np.float32))
+  assert export.load_inference(tmp_path / "float32.npz")["weights_dtype"] == "float32"
+  with pytest.raises(ValueError, match="export dtype"):
+    export.export_inference(tmp_path / "x.npz", unet_params=unet, vision_encoder_params=encoder,
+                            scale_factor=0.2, model_config_json="{}", vae_reference="none",
+                            dtype="float16")

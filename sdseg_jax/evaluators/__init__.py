@@ -34,7 +34,7 @@ def specs(config: Any) -> Dict[str, Dict[str, Any]]:
   """{prefix: {"type", **options}} from `config.evals` (checked), with the eval defaults.
 
   Every evaluator gets config.eval.noise_seed and config.eval.empty_convention; the "dice"
-  evaluator also config.eval.num_panels. Options in the entry override them.
+  evaluator also config.eval.num_panels and config.eval.noise. Options in the entry override them.
   """
   entries = config.get("evals", None)
   if entries is None:
@@ -49,6 +49,7 @@ def specs(config: Any) -> Dict[str, Dict[str, Any]]:
                "empty_convention": config.eval.empty_convention}
     if kind == "dice":
       options["num_panels"] = config.eval.num_panels
+      options["noise"] = config.eval.get("noise", "per_image")
     options.update(entry)
     try:  # an option the evaluator does not take fails here, before any training
       inspect.signature(get(kind)).bind(None, None, None, **options)

@@ -6,8 +6,10 @@ Used during training (EMA UNet on the validation split, `config.evals` type "dic
 hosts is tiny. Counts are summed per case on the host (`common.CaseCounts`): a case is one image
 for 2D sets and one volume (all its slices) for 3D sets, exactly the official per-volume scoring.
 
-Noise: one z_T per image, drawn from fold_in(key(noise_seed), batch index), so a score depends
-on the seed and the batch size but not on the device count.
+Noise (`noise`): "per_image" (default), one z_T per image drawn from
+fold_in(key(noise_seed), batch index), so a score depends on the seed and the batch size but not
+on the device count; or "shared", ONE z_T from key(noise_seed) reused for every image of every
+batch, as the official `log_dice` (and `predict`), for the `official` reproduction protocol.
 """
 
 from __future__ import annotations
@@ -16,20 +18,28 @@ import functools
 from typing import Any, Dict, List
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sdseg_jax import diffusion
+from sdseg_jax import errors
 from sdseg_jax import inference
 from sdseg_jax import metrics as metrics_lib
 from sdseg_jax import sharding as sharding_lib
 from sdseg_jax.evaluators import common
 from sdseg_jax.models import sdseg
 
+NOISES = ("per_image", "shared")
+
 
 def _predict_counts(params, vae_params, image, label, scale_factor, noise_key, *,
-                    model: sdseg.SDSeg, ddim_steps: int, ddim_eta: float):
+                    model: sdseg.SDSeg, ddim_steps: int, ddim_eta: float, shared_noise: bool):
   """(counts (B, 3), foreground probability (B, R, R)) of one batch."""
-  z_T = inference.draw_noise(model, noise_key, image.shape[0])
+  if shared_noise:  # the run's single z_T (inference.run_noise), broadcast over the batch
+    one = inference.draw_noise(model, noise_key, 1)
+    z_T = jnp.broadcast_to(one, (image.shape[0],) + one.shape[1:])
+  else:
+    z_T = inference.draw_noise(model, noise_key, image.shape[0])
   ddim_rng = jax.random.fold_in(noise_key, 1)
   if model.unet.num_classes is not None:
     # Class-embedding model: score the foreground (any class) of its label map.
@@ -53,17 +63,22 @@ class Evaluator(common.Evaluator):
 
   def __init__(self, model: sdseg.SDSeg, mesh: jax.sharding.Mesh, loader: Any, *,
                noise_seed: int = 0, empty_convention: str = "official", ddim_steps: int = 0,
-               ddim_eta: float = 1.0, distances: bool = False, num_panels: int = 0):
+               ddim_eta: float = 1.0, distances: bool = False, num_panels: int = 0,
+               noise: str = "per_image"):
     """`distances`: also HD95/ASSD per case (in pixels), which needs every predicted mask on
     the host (slices of a volume are stacked in slice order), so it is off during training.
-    `num_panels`: image|truth|prediction|probability strips returned for the first rows."""
+    `num_panels`: image|truth|prediction|probability strips returned for the first rows.
+    `noise`: "per_image" or "shared" (module docstring)."""
+    if noise not in NOISES:
+      raise errors.ConfigError(f"noise must be one of {NOISES}, got {noise!r}")
+    self.shared_noise = noise == "shared"
     self.model, self.mesh, self.loader = model, mesh, loader
     self.noise_seed, self.empty_convention = noise_seed, empty_convention
     self.distances, self.num_panels = distances, num_panels
     batch_sh = sharding_lib.batch_sharding(mesh)
     self._step = jax.jit(
         functools.partial(_predict_counts, model=model, ddim_steps=ddim_steps,
-                          ddim_eta=ddim_eta),
+                          ddim_eta=ddim_eta, shared_noise=self.shared_noise),
         out_shardings=(batch_sh, batch_sh))
 
   def run(self, params: Any, vae_params: Any, scale_factor: Any) -> Dict[str, Any]:
@@ -80,7 +95,8 @@ class Evaluator(common.Evaluator):
       arrays = sharding_lib.host_batch_to_global(
           {"image": batch["image"], "label": batch["label"]}, self.mesh)
       counts, prob = self._step(params, vae_params, arrays["image"], arrays["label"],
-                                scale_factor, jax.random.fold_in(key, index))
+                                scale_factor,
+                                key if self.shared_noise else jax.random.fold_in(key, index))
       rows = common.BatchRows.of(batch)
       pred = gt = None
       if self.distances:
