@@ -26,12 +26,12 @@ export SDSEG_SHARED="${SDSEG_SHARED:-$(cd "${repo}/.." && pwd)/shared}"
 # name | module file | test files (space separated)
 MODULES=(
   "diffusion|sdseg_jax/diffusion.py|tests/test_diffusion.py tests/test_official_parity.py::test_schedule_matches_official"
-  "surface_distance|sdseg_jax/surface_distance.py|tests/test_metrics.py"
+  "surface_distance|sdseg_jax/surface_distance.py|tests/test_metrics.py tests/test_metric_edges.py"
   "splits|sdseg_jax/data/splits.py|tests/test_splits.py"
   "convert|sdseg_jax/weights/convert.py|tests/test_weights_convert.py"
   "sdseg|sdseg_jax/models/sdseg.py|tests/test_sdseg_model.py"
   "step|sdseg_jax/step.py|tests/test_step_values.py"
-  "metrics|sdseg_jax/metrics.py|tests/test_metrics.py"
+  "metrics|sdseg_jax/metrics.py|tests/test_metrics.py tests/test_metric_edges.py"
   "optim|sdseg_jax/optim.py|tests/test_optim.py"
   "transforms|sdseg_jax/data/transforms.py|tests/test_transforms.py"
 )
