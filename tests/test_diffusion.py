@@ -169,7 +169,11 @@ def _ddim_reference(schedule, eps_fn, z_T, steps, eta, rng):
 def test_ddim_sample_matches_the_ldm_sampler(schedule, arrays, eta):
   _, z_T, _, _ = arrays
   eps_np = lambda x, t: 0.3 * x + 0.02 * t[:, None, None, None]  # noqa: E731
-  eps_jax = lambda x, t: 0.3 * x + 0.02 * t.astype(jnp.float32)[:, None, None, None]  # noqa: E731
+
+  def eps_jax(x, t):
+    assert t.dtype == jnp.int32 and t.shape == (3,)  # timesteps index tables: integers
+    return 0.3 * x + 0.02 * t.astype(jnp.float32)[:, None, None, None]
+
   rng = jax.random.key(3)
   want = _ddim_reference(schedule, eps_np, z_T, 4, eta, rng)
   got = diffusion.ddim_sample(schedule, eps_jax, jnp.asarray(z_T), 4, eta, rng)
