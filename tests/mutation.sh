@@ -32,7 +32,7 @@ MODULES=(
   "sdseg|sdseg_jax/models/sdseg.py|tests/test_sdseg_model.py"
   "step|sdseg_jax/step.py|tests/test_step_values.py"
   "metrics|sdseg_jax/metrics.py|tests/test_metrics.py tests/test_metric_edges.py"
-  "optim|sdseg_jax/optim.py|tests/test_optim.py"
+  "optim|sdseg_jax/optim.py|tests/test_optim.py tests/test_optim_fields.py"
   "transforms|sdseg_jax/data/transforms.py|tests/test_transforms.py"
 )
 # Dead code that the issue-15 clean-up deletes; not scored (regex on mutmut's mutant names).
