@@ -3,6 +3,9 @@
 #
 #   tests/mutation.sh                 # every module below, one after the other
 #   tests/mutation.sh diffusion optim # only these (names as in MODULES)
+#   tests/mutation.sh --survivors optim
+#       after adding tests: copies the current tests/ into the module's existing scratch copy
+#       and re-runs only its surviving mutants (the rest keep their status from the full run)
 #
 # Not part of .ci/run: a full run takes tens of minutes on 2 cores. Needs `pip install
 # mutmut==3.8.1` in the active venv (not in requirements.txt) and, for the modules whose tests
@@ -39,6 +42,11 @@ MODULES=(
 EXCLUDED='x_predict_step__mutmut|x_dice_iou_batch__mutmut'
 
 command -v mutmut > /dev/null || { echo "error: mutmut not installed (pip install mutmut==3.8.1)" >&2; exit 1; }
+survivors_only=0
+if [[ "${1:-}" == "--survivors" ]]; then
+  survivors_only=1
+  shift
+fi
 wanted=("$@")
 mkdir -p "${work}"
 for entry in "${MODULES[@]}"; do
@@ -47,6 +55,21 @@ for entry in "${MODULES[@]}"; do
     continue
   fi
   dir="${work}/${name}"
+  if (( survivors_only )); then
+    [[ -f "${dir}/results.txt" ]] || { echo "error: no full run of ${name} in ${dir}" >&2; exit 1; }
+    mapfile -t names < <(awk '$NF == "survived" || $NF == "timeout" { sub(":", "", $1); print $1 }' \
+      "${dir}/results.txt")
+    echo "== ${name}: re-running ${#names[@]} surviving mutants with the current tests/"
+    rm -rf "${dir}/tests" "${dir}/mutants/tests"
+    cp -r "${repo}/tests" "${dir}/tests"
+    cp -r "${repo}/tests" "${dir}/mutants/tests"
+    if (( ${#names[@]} )); then
+      (cd "${dir}" && nice -n 15 mutmut run --max-children 1 "${names[@]}" > rerun.log 2>&1) || {
+        echo "error: mutmut re-run failed for ${name}; see ${dir}/rerun.log" >&2; exit 1; }
+    fi
+    (cd "${dir}" && mutmut results --all true > results.txt)
+    continue
+  fi
   rm -rf "${dir}"
   mkdir -p "${dir}"
   cp -r "${repo}/sdseg_jax" "${repo}/configs" "${repo}/tests" "${dir}/"
