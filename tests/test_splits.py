@@ -14,7 +14,7 @@ from sdseg_jax.data import splits
 from sdseg_jax.data.base import DataError
 
 NAMES = [f"img{i}" for i in range(10)]
-INFO = {"dataset": "toy", "seed": 3}
+INFO = {"seed": 3, "dataset": "toy"}  # written back with sorted keys
 
 
 def test_seeded_partition_cuts_consecutive_blocks_of_a_seeded_permutation_of_sorted_names():
@@ -52,7 +52,7 @@ def test_first_call_writes_sorted_split_files_and_info(tmp_path, caplog):
   assert (split_dir / "val.txt").read_text() == "img4\n"
   assert (split_dir / "test.txt").read_text() == "img0\nimg5\n"
   assert (split_dir / "split_info.json").read_text() == '{\n "dataset": "toy",\n "seed": 3\n}\n'
-  assert "wrote split {'train': 3, 'val': 1, 'test': 2} to" in caplog.text
+  assert caplog.messages == [f"wrote split {{'train': 3, 'val': 1, 'test': 2}} to {split_dir}"]
 
 
 def test_a_missing_split_in_the_proposal_is_written_empty(tmp_path):
@@ -120,8 +120,20 @@ def test_every_problem_is_reported_at_once(tmp_path):
   with pytest.raises(DataError) as e:
     splits.resolve_splits(tmp_path, ["a", "b"], _propose, INFO)
   text = str(e.value)
-  assert "train.txt lists duplicates" in text and "test.txt names 1 samples not on disk" in text
-  assert "train and val overlap" in text and "; " in text
+  assert text == (f"split files in {tmp_path} do not match the data: "
+                  "train.txt lists duplicates: ['a']; test.txt names 1 samples not on disk: "
+                  "['q']; train and val overlap in 1 samples: ['a']")
+
+
+def test_long_problem_lists_are_cut_to_a_few_examples(tmp_path):
+  many = [f"n{i:02d}" for i in range(30)]
+  _write(tmp_path, many[:12] * 2, many[:12], [f"x{i:02d}" for i in range(25)])
+  with pytest.raises(DataError) as e:
+    splits.resolve_splits(tmp_path, many, _propose, INFO)
+  text = str(e.value)
+  assert f"train.txt lists duplicates: {many[:10]}" in text
+  assert "val and" not in text and f"train and val overlap in 12 samples: {many[:10]}" in text
+  assert "test.txt names 25 samples not on disk: " + str([f"x{i:02d}" for i in range(20)]) in text
 
 
 def test_samples_in_no_split_are_a_warning_not_an_error(tmp_path, caplog):
@@ -129,9 +141,16 @@ def test_samples_in_no_split_are_a_warning_not_an_error(tmp_path, caplog):
   with caplog.at_level(logging.WARNING):
     got = splits.resolve_splits(tmp_path, ["a", "b", "c", "d"], _propose, INFO)
   assert got == {"train": ["a"], "val": ["b"], "test": []}
-  assert "2 samples on disk are in no split of" in caplog.text
-  assert "['c', 'd']" in caplog.text
+  assert caplog.messages == [f"2 samples on disk are in no split of {tmp_path} (e.g. ['c', 'd'])"]
   caplog.clear()
   with caplog.at_level(logging.WARNING):
     splits.resolve_splits(tmp_path, ["a", "b"], _propose, INFO)
   assert "in no split" not in caplog.text
+
+
+def test_unused_samples_warning_names_five_examples(tmp_path, caplog):
+  _write(tmp_path, ["a"], [], [])
+  with caplog.at_level(logging.WARNING):
+    splits.resolve_splits(tmp_path, list("abcdefgh"), _propose, INFO)
+  assert caplog.messages == [f"7 samples on disk are in no split of {tmp_path} "
+                             "(e.g. ['b', 'c', 'd', 'e', 'f'])"]
