@@ -116,6 +116,7 @@ def test_widen_input_channels_appends_zero_filters():
   np.testing.assert_array_equal(wide[:, :2], w)
   assert (wide[:, 2:] == 0).all()
   np.testing.assert_array_equal(convert.widen_input_channels(2)(w), w)
+  assert convert.widen_input_channels(3)(w.astype(np.float32)).dtype == np.float32
   with pytest.raises(convert.ConversionError,
                      match="input conv has 2 input channels, more than the configured 1"):
     convert.widen_input_channels(1)(w)
@@ -137,6 +138,7 @@ def test_convert_autoencoder_ignores_only_the_loss_keys():
   vae, report = convert.convert_autoencoder(state, TARGET, prefix="first.", source="ae")
   np.testing.assert_array_equal(vae["emb"]["embedding"], _arange(5, 4))
   assert report.source == "ae" and len(report.mapped) == 8
+  assert report.mapped["first.emb.weight"] == "vae/emb/embedding"
   assert report.ignored == {k: "autoencoder training loss (discriminator/LPIPS)"
                             for k in ("first.loss.disc.weight", "first.loss.logvar")}
   default_vae, default_report = convert.convert_autoencoder(_state(prefix=""), TARGET)
@@ -174,7 +176,9 @@ def test_convert_ldm_unet_widens_and_ignores_the_rest_with_reasons():
   assert report.ignored["cond_stage_model.y"] == "the LDM's conditioning model (unused by SDSeg)"
   assert report.ignored["betas"] == report.ignored["logvar"] == (
       "diffusion schedule buffer (recomputed from the config)")
-  assert report.ignored["scale_factor"].startswith("LDM latent scale")
+  assert report.ignored["scale_factor"] == ("LDM latent scale (SDSeg recomputes it from the "
+                                            "masks)")
+  assert report.mapped["model.diffusion_model.out.2.weight"] == "unet/out_2/kernel"
   _, same_width = convert.convert_ldm_unet(_unet_state(in_channels=6), UNET, source="x")
   assert same_width.notes == [] and same_width.source == "x"
 
@@ -202,6 +206,8 @@ def test_convert_sdseg_picks_the_ema_or_online_unet(use_ema):
   np.testing.assert_array_equal(out["vae"]["norm"]["bias"], -_arange(4))
   assert out["scale_factor"] == np.float32(0.25) and out["scale_factor"].dtype == np.float32
   assert report.mapped["scale_factor"] == "scale_factor"
+  assert report.mapped["cond_stage_model.emb.weight"] == "vision_encoder/emb/embedding"
+  assert report.mapped["first_stage_model.emb.weight"] == "vae/emb/embedding"
   assert report.notes == ["diffusion schedule (betas) matches the config"]
   assert report.ignored["alphas_cumprod"] == "diffusion schedule buffer (recomputed from the config)"
   if use_ema:
@@ -245,3 +251,19 @@ def test_abstract_shapes():
   out = convert.abstract_shapes(tree)
   assert out == {"a": jax.ShapeDtypeStruct((2, 3), np.float32),
                  "b": {"c": jax.ShapeDtypeStruct((4,), np.int32)}}
+
+
+def test_long_key_lists_are_cut_to_a_few_examples():
+  report = convert.ConversionReport("s")
+  ghosts = {f"m.ghost{i}.weight": np.zeros(1) for i in range(7)}
+  with pytest.raises(convert.ConversionError) as e:
+    convert.map_module(dict(_state(), **ghosts), "m.", TARGET, "w", report)
+  assert str(sorted(ghosts)[:5]) + ";" in str(e.value)
+  wide = {f"l{i}": {"kernel": _spec(2, 2)} for i in range(7)}
+  with pytest.raises(convert.ConversionError) as e:
+    convert.map_module({}, "m.", wide, "w", report)
+  assert "e.g. " + str([f"l{i}/kernel" for i in range(5)]) in str(e.value)
+  strays = {f"stray{i}": np.zeros(1) for i in range(10)}
+  with pytest.raises(convert.ConversionError) as e:
+    convert.convert_autoencoder(dict(_state(prefix="f."), **strays), TARGET, prefix="f.")
+  assert "ignorable: " + str(sorted(strays)[:8]) + ";" in str(e.value)
