@@ -68,7 +68,7 @@ def test_build_passes_every_field_to_its_module():
 
 def test_build_defaults_for_optional_fields():
   cfg = _config()
-  for key in ("num_heads_upsample", "num_classes", "use_checkpoint"):
+  for key in ("num_heads_upsample", "num_classes", "use_checkpoint", "use_spatial_transformer"):
     del cfg.unet[key]
   for key in ("compute_dtype", "precision", "attention_impl"):
     del cfg[key]
