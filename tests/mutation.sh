@@ -41,6 +41,16 @@ MODULES=(
 # Dead code that the issue-15 clean-up deletes; not scored (regex on mutmut's mutant names).
 EXCLUDED='x_predict_step__mutmut|x_dice_iou_batch__mutmut'
 
+# Writes <dir>/survivors.txt: the diff of every mutant that survived or timed out.
+show_survivors() {
+  local dir="$1" mutant
+  : > "${dir}/survivors.txt"
+  for mutant in $(awk '$NF == "survived" || $NF == "timeout" { sub(":", "", $1); print $1 }' \
+                  "${dir}/results.txt"); do
+    (cd "${dir}" && mutmut show "${mutant}" >> survivors.txt 2>&1)
+  done
+}
+
 command -v mutmut > /dev/null || { echo "error: mutmut not installed (pip install mutmut==3.8.1)" >&2; exit 1; }
 survivors_only=0
 if [[ "${1:-}" == "--survivors" ]]; then
@@ -68,6 +78,7 @@ for entry in "${MODULES[@]}"; do
         echo "error: mutmut re-run failed for ${name}; see ${dir}/rerun.log" >&2; exit 1; }
     fi
     (cd "${dir}" && mutmut results --all true > results.txt)
+    show_survivors "${dir}"
     continue
   fi
   rm -rf "${dir}"
@@ -102,6 +113,7 @@ for entry in "${MODULES[@]}"; do
   }
   (cd "${dir}" && mutmut results --all true > results.txt)
   echo "$(( $(date +%s) - start ))" > "${dir}/seconds.txt"
+  show_survivors "${dir}"
 done
 
 # Score table over every module that has results (raw: killed / total, excluded functions out).
