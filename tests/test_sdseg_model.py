@@ -112,6 +112,20 @@ def test_mask_probability_is_the_channel_mean_of_the_clipped_map():
   np.testing.assert_allclose(np.asarray(got), [[[(0 + 0 + 0.5) / 3, (1 + 1 + 0.75) / 3]]])
 
 
+def test_init_shapes_follow_the_config_even_when_condition_and_latent_widths_differ():
+  """The UNet input is concat[z_t (embed_dim), c (vision_embed_dim)]; init used to assume the
+  two widths are equal (2 x embed_dim), which build() accepts otherwise. Traced only."""
+  cfg = model_config.model_config(
+      dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, resolution=16),
+      dict(image_size=8, model_channels=32, channel_mult=[1], attention_resolutions=[],
+           num_res_blocks=1, num_heads=1, in_channels=7), embed_dim=4, vision_embed_dim=3)
+  cfg.compute_dtype = "float32"
+  params, vae_params = jax.eval_shape(sdseg.build(cfg).init, jax.random.key(0))
+  assert params["unet"]["input_blocks_0_0"]["kernel"].shape == (3, 3, 7, 32)
+  assert vae_params["encoder"]["conv_in"]["kernel"].shape == (3, 3, 3, 32)  # RGB masks
+  assert params["vision_encoder"]["encoder"]["conv_in"]["kernel"].shape == (3, 3, 3, 32)
+
+
 # ---- composition, on stand-in networks ---------------------------------------------------------
 # Latents are the even pixels of the input (factor 2, len(ch_mult) = 2); everything is linear,
 # so each stage's output is a one-line numpy formula.
