@@ -4,8 +4,9 @@
 #   tests/mutation.sh                 # every module below, one after the other
 #   tests/mutation.sh diffusion optim # only these (names as in MODULES)
 #   tests/mutation.sh --survivors optim
-#       after adding tests: copies the current tests/ into the module's existing scratch copy
-#       and re-runs only its surviving mutants (the rest keep their status from the full run)
+#       after adding tests or changing the module: copies the current tests/ and module into the
+#       module's existing scratch copy, runs the mutants of functions whose code changed, and
+#       re-runs the surviving ones (every other mutant keeps its status from the full run)
 #
 # Not part of .ci/run: a full run takes tens of minutes on 2 cores. Needs `pip install
 # mutmut==3.8.1` in the active venv (not in requirements.txt) and, for the modules whose tests
@@ -73,6 +74,11 @@ for entry in "${MODULES[@]}"; do
     rm -rf "${dir}/tests" "${dir}/mutants/tests"
     cp -r "${repo}/tests" "${dir}/tests"
     cp -r "${repo}/tests" "${dir}/mutants/tests"
+    # The module as it is now: mutmut re-mutates the functions whose code changed (their old
+    # results are dropped) and runs just those mutants; unchanged functions keep their results.
+    cp "${repo}/${module}" "${dir}/${module}"
+    (cd "${dir}" && nice -n 15 mutmut run --max-children 1 > rerun_changed.log 2>&1) || {
+      echo "error: mutmut run failed for ${name}; see ${dir}/rerun_changed.log" >&2; exit 1; }
     if (( ${#names[@]} )); then
       (cd "${dir}" && nice -n 15 mutmut run --max-children 1 "${names[@]}" > rerun.log 2>&1) || {
         echo "error: mutmut re-run failed for ${name}; see ${dir}/rerun.log" >&2; exit 1; }
