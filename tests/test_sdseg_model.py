@@ -307,6 +307,10 @@ def test_predict_is_one_denoiser_call_at_the_last_step_then_decode(model, params
   decided = np.abs(prob - 0.5) > 1e-3
   np.testing.assert_array_equal(np.asarray(out["mask"])[decided], (prob > 0.5)[decided])
   assert 0 < (prob > 0.5).mean() < 1
+  # a decoded map of exactly 0 is probability 0.5: background (the threshold is strict)
+  tie = model.predict(trainable, {"w": jnp.float32(0.0)}, jnp.asarray(image), jnp.asarray(z_T),
+                      jnp.float32(0.4))
+  assert (np.asarray(tie["prob"]) == 0.5).all() and not np.asarray(tie["mask"]).any()
 
 
 def test_predict_latent_passes_class_labels():
