@@ -69,6 +69,9 @@ def test_peak_lr_and_warmup_use_the_configured_numbers():
   schedule = optim.learning_rate_schedule(config)
   for n, want in ((0, 0.3), (1, 0.6), (2, 0.9), (4, 1.5), (9, 1.5)):
     assert float(schedule(n)) == pytest.approx(want, rel=1e-6), n
+  config.optim.warmup_steps = 1  # one warm-up step still starts at the start factor
+  one_step = optim.learning_rate_schedule(config)
+  assert float(one_step(0)) == pytest.approx(0.3) and float(one_step(1)) == pytest.approx(1.5)
   config.optim.warmup_steps = -1  # a negative warm-up also means none
   assert float(optim.learning_rate_schedule(config)(0)) == pytest.approx(1.5)
 
