@@ -70,6 +70,12 @@ def test_resize_mask_is_nearest_neighbour():
   mask = np.array([[0, 1], [2, 3]], np.uint8)
   np.testing.assert_array_equal(transforms.resize_mask(mask, 4),
                                 [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
+  step = np.zeros((4, 4), np.uint8)
+  step[:, :2] = 9  # Pillow's default (bicubic) would invent a label 5 at the edge
+  resized = transforms.resize_mask(step, 7)
+  assert set(np.unique(resized)) == {0, 9}
+  np.testing.assert_array_equal(resized, np.asarray(
+      Image.fromarray(step).resize((7, 7), Image.Resampling.NEAREST)))
 
 
 def test_image_to_model_value_maps_and_channels():
