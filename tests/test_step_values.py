@@ -205,7 +205,8 @@ def test_compiled_step_equals_the_python_step_and_reports_compile_stats(num_clas
   batch = _batch(2, class_id=None if num_classes is None else [1, 2])
   want_state, want_metrics = step_lib.train_step(state, batch, VAE, model=model, tx=tx,
                                                  config=config)
-  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+  # Two devices, so the batch really is split and a wrong input sharding cannot pass unnoticed.
+  mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 1}, jax.devices()[:2])
   replicated = sharding_lib.replicated(mesh)
   state_shardings = jax.tree_util.tree_map(lambda _: replicated, state)
   vae_shardings = jax.tree_util.tree_map(lambda _: replicated, VAE)
@@ -224,3 +225,7 @@ def test_compiled_step_equals_the_python_step_and_reports_compile_stats(num_clas
     np.testing.assert_allclose(float(got_metrics[name]), float(want_metrics[name]), rtol=2e-5)
   assert jax.tree_util.tree_leaves(state_in.params)[0].is_deleted()  # donated
   assert got_metrics["loss"].sharding.is_fully_replicated
+  assert got_state.params["unet"]["a"].sharding == replicated
+  with pytest.raises(ValueError):  # compiled for a batch split over the mesh, not one device
+    compiled(jax.device_put(got_state, replicated), jax.device_put(batch, jax.devices()[0]),
+             jax.device_put(VAE, replicated))
