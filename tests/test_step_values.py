@@ -209,6 +209,10 @@ def test_compiled_step_equals_the_python_step_and_reports_compile_stats(num_clas
   mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 1}, jax.devices()[:2])
   replicated = sharding_lib.replicated(mesh)
   state_shardings = jax.tree_util.tree_map(lambda _: replicated, state)
+  # one leaf split over the mesh (as FSDP does), which the compiler would not choose by itself
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  state_shardings = state_shardings.replace(
+      params=dict(state_shardings.params, unet=dict(state_shardings.params["unet"], a=split)))
   vae_shardings = jax.tree_util.tree_map(lambda _: replicated, VAE)
   abstract = lambda tree: jax.tree_util.tree_map(  # noqa: E731
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
@@ -216,8 +220,20 @@ def test_compiled_step_equals_the_python_step_and_reports_compile_stats(num_clas
       model, tx, config, mesh, abstract(state), state_shardings, abstract(VAE), vae_shardings,
       image_size=R)
   assert stats["compile_seconds"] > 0
+  # the compiled step's contract: state/VAE laid out as given, batch split, metrics replicated
+  (state_in_sh, batch_in_sh, vae_in_sh), _ = compiled.input_shardings
+  state_out_sh, metrics_out_sh = compiled.output_shardings
+  for got_sh in (state_in_sh, state_out_sh):
+    for got, want in zip(jax.tree_util.tree_leaves(got_sh),
+                         jax.tree_util.tree_leaves(state_shardings)):
+      assert got.is_equivalent_to(want, 1), (got, want)
+  assert state_out_sh.params["unet"]["a"].spec == jax.sharding.PartitionSpec("data")
+  for got_sh in (vae_in_sh, metrics_out_sh):
+    assert all(sh.is_fully_replicated for sh in jax.tree_util.tree_leaves(got_sh))
+  assert all(sh == sharding_lib.batch_sharding(mesh)
+             for sh in jax.tree_util.tree_leaves(batch_in_sh))
   assert stats["temp_bytes"] >= 0 and stats["argument_bytes"] > 0
-  state_in = jax.device_put(jax.tree_util.tree_map(jnp.copy, state), replicated)
+  state_in = jax.device_put(jax.tree_util.tree_map(jnp.copy, state), state_shardings)
   batch_in = jax.device_put(batch, sharding_lib.batch_sharding(mesh))
   got_state, got_metrics = compiled(state_in, batch_in, jax.device_put(VAE, replicated))
   _assert_close(got_state, want_state, "state")
@@ -225,7 +241,7 @@ def test_compiled_step_equals_the_python_step_and_reports_compile_stats(num_clas
     np.testing.assert_allclose(float(got_metrics[name]), float(want_metrics[name]), rtol=2e-5)
   assert jax.tree_util.tree_leaves(state_in.params)[0].is_deleted()  # donated
   assert got_metrics["loss"].sharding.is_fully_replicated
-  assert got_state.params["unet"]["a"].sharding == replicated
+  assert got_state.params["unet"]["a"].sharding == split
   with pytest.raises(ValueError):  # compiled for a batch split over the mesh, not one device
-    compiled(jax.device_put(got_state, replicated), jax.device_put(batch, jax.devices()[0]),
+    compiled(got_state, jax.device_put(batch, jax.devices()[0]),
              jax.device_put(VAE, replicated))
