@@ -33,7 +33,8 @@ R = 8
 
 class LinearModel:
   """The SDSeg stages the step calls, as linear maps with explicit noise (vae["w"] scales the
-  mask latent, params["vision_encoder"]["v"] the condition, params["unet"]["a"/"b"] mix them)."""
+  mask latent, params["vision_encoder"]["v"] the condition, params["unet"]["a"/"b"] mix them,
+  plus t / 100 so that the timestep must reach the denoiser)."""
 
   def __init__(self, num_classes=None):
     self.schedule = diffusion.make_schedule(T, 1e-3, 0.2)
@@ -55,7 +56,7 @@ class LinearModel:
   def denoise(self, unet_params, z_t, cond, t, y=None, train=False, rng=None):
     self.calls.append(("denoise", train, y is None))
     eps = z_t * unet_params["a"] + cond * unet_params["b"] + 0.05 * jax.random.normal(
-        rng, z_t.shape)
+        rng, z_t.shape) + 0.01 * t[:, None, None, None]
     if y is not None:
       eps = eps + 0.1 * y[:, None, None, None]
     return eps
@@ -119,7 +120,7 @@ def _reference(state, batch, config, class_id=None):
     cond = batch["image"][:, ::2, ::2, 1:3] * params["vision_encoder"]["v"]
     cond = cond + 0.1 * jax.random.normal(k_enc, cond.shape)
     eps = z_t * params["unet"]["a"] + cond * params["unet"]["b"]
-    eps = eps + 0.05 * jax.random.normal(k_unet, z_t.shape)
+    eps = eps + 0.05 * jax.random.normal(k_unet, z_t.shape) + 0.01 * t[:, None, None, None]
     if class_id is not None:
       eps = eps + 0.1 * jnp.asarray(class_id, jnp.float32)[:, None, None, None]
     z0_hat = (z_t - jnp.sqrt(1 - abar) * eps) / jnp.sqrt(abar)
