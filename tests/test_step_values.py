@@ -62,7 +62,7 @@ class LinearModel:
     return eps
 
 
-def _config(sample_posterior=True, latent_loss_weight=0.5):
+def _config(sample_posterior=True, latent_loss_weight=0.5, use_num_updates=True):
   config = base.get_config()
   config.train.global_batch_size = B
   config.train.sample_posterior = sample_posterior
@@ -73,7 +73,7 @@ def _config(sample_posterior=True, latent_loss_weight=0.5):
   config.optim.warmup_start_factor = 0.1
   config.optim.weight_decay = 0.01
   config.ema.decay = 0.6
-  config.ema.use_num_updates = True
+  config.ema.use_num_updates = use_num_updates
   return config
 
 
@@ -135,7 +135,7 @@ def _reference(state, batch, config, class_id=None):
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   n = int(state.step) + 1
-  decay = min(config.ema.decay, (1 + n) / (10 + n))
+  decay = min(config.ema.decay, (1 + n) / (10 + n)) if config.ema.use_num_updates else 0.6
   ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.ema_unet,
                                params["unet"])
   peak = 0.01 * B
@@ -152,10 +152,12 @@ def _assert_close(got, want, name):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("step,sample_posterior,latent_loss_weight",
-                         [(0, True, 0.5), (4, False, 1.0), (23, True, 2.0)])
-def test_train_step_is_the_sdseg_step(step, sample_posterior, latent_loss_weight):
-  config = _config(sample_posterior, latent_loss_weight)
+@pytest.mark.parametrize("step,sample_posterior,latent_loss_weight,use_num_updates",
+                         [(0, True, 0.5, True), (4, False, 1.0, True), (23, True, 2.0, True),
+                          (2, True, 2.0, False)])
+def test_train_step_is_the_sdseg_step(step, sample_posterior, latent_loss_weight,
+                                      use_num_updates):
+  config = _config(sample_posterior, latent_loss_weight, use_num_updates)
   state, tx = _state(config, step)
   model = LinearModel()
   batch = _batch(step)
