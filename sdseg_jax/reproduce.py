@@ -125,7 +125,7 @@ def export_record(seed_dir) -> Optional[Dict[str, Any]]:
   if not path.exists():
     return None
   return {"path": str(path), "dtype": export.load_inference(path)["weights_dtype"],
-          "bytes": path.stat().st_size, "sha256": export.sha256(path)}
+          "bytes": path.stat().length, "sha256": export.sha256(path)}
 
 
 def _current_step(seed_dir, checkpoint: str) -> Optional[int]:

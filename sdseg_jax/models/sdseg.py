@@ -57,7 +57,9 @@ class SDSeg:
     k_vae, k_enc, k_unet = jax.random.split(rng, 3)
     image = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
     s = self.latent_size
-    latent = jnp.zeros((1, s, s, 2 * self.latent_channels), jnp.float32)
+    # The UNet sees concat[z_t, c]: mask-latent channels plus condition channels.
+    channels = self.latent_channels + self.vision_encoder.embed_dim
+    latent = jnp.zeros((1, s, s, channels), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
     y = None if self.unet.num_classes is None else jnp.zeros((1,), jnp.int32)
     vae_params = self.vae.init(k_vae, image)["params"]
