@@ -7,8 +7,8 @@ mutation-testing subset of transforms.py.
 """
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from sdseg_jax.data import transforms
 

@@ -209,7 +209,8 @@ def test_convert_sdseg_picks_the_ema_or_online_unet(use_ema):
   assert report.mapped["cond_stage_model.emb.weight"] == "vision_encoder/emb/embedding"
   assert report.mapped["first_stage_model.emb.weight"] == "vae/emb/embedding"
   assert report.notes == ["diffusion schedule (betas) matches the config"]
-  assert report.ignored["alphas_cumprod"] == "diffusion schedule buffer (recomputed from the config)"
+  assert report.ignored["alphas_cumprod"] == (
+      "diffusion schedule buffer (recomputed from the config)")
   if use_ema:
     assert report.mapped["model_ema.diffusion_modelout2weight"] == "unet/out_2/kernel"
     assert report.ignored["model.diffusion_model.out.2.weight"] == (
