@@ -32,7 +32,8 @@ PRIVATE_NOTES = re.compile(r"shared/docs\b")
 SHARED_PREFIX = "../shared/"
 # Markdown files that our commands WRITE (not part of the repository), e.g. the reproduction
 # report `DIR/report.md` of `python -m sdseg_jax.reproduce`.
-GENERATED_OUTPUTS = {"report.md"}
+# `scores.md` of `tests/mutation.sh`.
+GENERATED_OUTPUTS = {"report.md", "scores.md"}
 
 
 def _skipped(path: pathlib.Path) -> bool:

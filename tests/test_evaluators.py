@@ -27,7 +27,8 @@ def test_default_evals_reproduce_the_single_dice_evaluator():
   config = base.get_config()
   assert evaluators.specs(config) == {"eval": {
       "type": "dice", "noise_seed": config.eval.noise_seed,
-      "empty_convention": config.eval.empty_convention, "num_panels": config.eval.num_panels}}
+      "empty_convention": config.eval.empty_convention, "num_panels": config.eval.num_panels,
+      "noise": "per_image"}}
   with config.unlocked():  # a run directory written before config.evals existed
     del config["evals"]
   assert list(evaluators.specs(config)) == ["eval"]

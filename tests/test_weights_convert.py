@@ -247,13 +247,6 @@ def test_convert_sdseg_errors():
   assert unchecked.notes == []
 
 
-def test_abstract_shapes():
-  tree = {"a": np.zeros((2, 3), np.float32), "b": {"c": np.zeros((4,), np.int32)}}
-  out = convert.abstract_shapes(tree)
-  assert out == {"a": jax.ShapeDtypeStruct((2, 3), np.float32),
-                 "b": {"c": jax.ShapeDtypeStruct((4,), np.int32)}}
-
-
 def test_long_key_lists_are_cut_to_a_few_examples():
   report = convert.ConversionReport("s")
   ghosts = {f"m.ghost{i}.weight": np.zeros(1) for i in range(7)}
