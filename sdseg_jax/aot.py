@@ -2,6 +2,7 @@
 
   python -m sdseg_jax.aot --config configs/refuge.py:v5e8 --topology v5e:2x4 --json out.json
   python -m sdseg_jax.aot --config configs/refuge.py:v5e32 --topology v5e:4x8 --suite train
+  python -m sdseg_jax.aot --config configs/refuge.py:v5e8 --topology v5e:4x8 --seeds 4
 
 Runs on a laptop (no accelerator): libtpu (`pip install -r requirements-tpu.txt`) describes the
 slice as compile-only devices, and the REAL train step (`step.compile_train_step`, the function
@@ -15,6 +16,9 @@ aliasing, their peak against the chip's HBM; `fits` = peak <= 0.9 x HBM), XLA's 
 byte counts, the collectives of the compiled program, and two step-time ESTIMATES (never
 measurements): a roofline bound from the counts and XLA:TPU's own cost model. A suite that does
 not fit exits with status 1 and a message naming the suite, its peak and the HBM.
+
+`--seeds K` compiles the train step of K seeds side by side (a reproduction study's layout,
+sdseg_jax/seed_lanes.py): K lanes of 1/K of the chips, each with the config's mesh and batch.
 """
 
 import dataclasses
@@ -48,6 +52,8 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "Target, e.g. v5e:2x4 (v5e-8),
                                 "v5p:2x2x1, v6e:2x4, v4:2x2x1.")
 _SUITE = flags.DEFINE_enum("suite", "both", ["train", "infer", "both"], "What to compile.")
 _JSON = flags.DEFINE_string("json", None, "Also write the report as JSON to this file.")
+_SEEDS = flags.DEFINE_integer("seeds", 1, "Seeds trained side by side in one job (the train "
+                              "suite's layout under `python -m sdseg_jax.reproduce`).")
 flags.mark_flags_as_required(["config", "topology"])
 
 TOPOLOGY_EXAMPLES = ("v5e:2x2", "v5e:2x4", "v5e:4x8", "v5e:16x16", "v4:2x2x1", "v5p:2x2x1",
@@ -103,35 +109,71 @@ class Program:
   vae_shardings: Any
   abstract_state: Any
   state_shardings: Any
+  seed_mesh: Optional[jax.sharding.Mesh] = None  # K seed lanes (seed_lanes.run), else None
 
 
-def build_program(config: ml_collections.ConfigDict, devices: Sequence[Any]) -> Program:
-  """Mesh, model and sharded abstract state for `devices`, mirroring `train.run`."""
+def build_program(config: ml_collections.ConfigDict, devices: Sequence[Any],
+                  seeds: int = 1) -> Program:
+  """Mesh, model and sharded abstract state for `devices`, mirroring `train.run` (and, with
+  `seeds` > 1, the seed lanes of `seed_lanes.run`)."""
   platform = devices[0].platform
   with config.unlocked():
     # "auto" resolves for the TARGET's backend, not for the machine that compiles.
     config.model.compute_dtype = sdseg.resolve_compute_dtype(config.model.compute_dtype,
                                                              backend=platform)
-  mesh = sharding_lib.make_mesh(config.mesh, devices)
-  hosts = len({d.process_index for d in devices})
+  seed_mesh = None
+  try:
+    mesh = sharding_lib.make_mesh(config.mesh, devices)
+    if seeds > 1:
+      seed_mesh = sharding_lib.make_seed_mesh(config.mesh, seeds, devices)
+  except errors.ConfigError as e:
+    raise AotError(f"{len(devices)} chips, --seeds {seeds}: {e}") from None
+  lane_chips = mesh.size // seeds
+  hosts = len({d.process_index for d in devices[:lane_chips]})
   gb = config.train.global_batch_size
-  if gb % mesh.size or gb % hosts:
+  if gb % lane_chips or gb % hosts:
     raise AotError(f"config.train.global_batch_size={gb} must be divisible by the number of "
-                   f"chips ({mesh.size}) and hosts ({hosts})")
+                   f"chips ({lane_chips}) and hosts ({hosts})"
+                   f"{' of each seed lane' if seeds > 1 else ''}")
   model = sdseg.build(config.model)
   tx = optim.make_optimizer(config)
   layout = sharding_lib.train_layout(model, tx, mesh, config.mesh.strategy)  # as train.run
   return Program(config, mesh, model, tx, layout.params, layout.param_shardings, layout.vae,
-                 layout.vae_shardings, layout.state, layout.state_shardings)
+                 layout.vae_shardings, layout.state, layout.state_shardings, seed_mesh)
 
 
 def compile_train(program: Program) -> Any:
-  """The train step `main` runs, compiled for the target mesh."""
+  """The train step `main` runs (or `seed_lanes.run`'s), compiled for the target mesh."""
+  if program.seed_mesh is not None:
+    return _compile_seed_lanes(program)
   compiled, _ = step_lib.compile_train_step(
       program.model, program.tx, program.config, program.mesh,
       _with_shardings(program.abstract_state, program.state_shardings), program.state_shardings,
       _with_shardings(program.abstract_vae, program.vae_shardings), program.vae_shardings,
       program.config.data.image_size)
+  return compiled
+
+
+def _compile_seed_lanes(program: Program) -> Any:
+  """K lanes: every state leaf behind a leading K axis over "seed", as seed_lanes.run lays it
+  out; the VAE is per lane only for the stand-in (no config.init.vae / init.sdseg)."""
+  seed_mesh, config = program.seed_mesh, program.config
+  seeds = seed_mesh.shape[sharding_lib.SEED_AXIS]
+  state_sh = sharding_lib.lane_shardings(program.state_shardings, seed_mesh)
+  lanes = lambda tree, sh: jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct((seeds, *x.shape), x.dtype, sharding=s), tree, sh)
+  per_lane_vae = not (config.init.get("vae") or config.init.get("sdseg"))
+  if per_lane_vae:
+    vae_sh = sharding_lib.lane_shardings(program.vae_shardings, seed_mesh)
+    abstract_vae = lanes(program.abstract_vae, vae_sh)
+  else:
+    vae_sh = jax.tree_util.tree_map(lambda _: sharding_lib.replicated(seed_mesh),
+                                    program.vae_shardings)
+    abstract_vae = _with_shardings(program.abstract_vae, vae_sh)
+  compiled, _ = step_lib.compile_train_step(
+      program.model, program.tx, config, seed_mesh, lanes(program.abstract_state, state_sh),
+      state_sh, abstract_vae, vae_sh, config.data.image_size, num_seeds=seeds,
+      per_lane_vae=per_lane_vae)
   return compiled
 
 
@@ -182,15 +224,19 @@ def model_flops_per_example(config: ml_collections.ConfigDict, suite: str) -> Di
 
 # ---- the command ---------------------------------------------------------------------------------
 def run(config: ml_collections.ConfigDict, topology: str, suites: Sequence[str],
-        on_suite: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+        on_suite: Optional[Callable[[Dict[str, Any]], None]] = None,
+        seeds: int = 1) -> Dict[str, Any]:
   """Compiles `suites` for `topology` and returns the JSON-ready report.
 
   `on_suite(report)` is called after each suite, so that a long full-size compile keeps its
-  first suite's figures even if the second is interrupted.
+  first suite's figures even if the second is interrupted. With `seeds` > 1 the train suite is
+  K seeds side by side (the inference suite stays one run over all chips, as their evaluation).
   """
+  if seeds < 1:
+    raise AotError(f"--seeds must be >= 1, got {seeds}")
   devices = topology_devices(topology)
   chip = chip_of(devices[0])
-  program = build_program(config, devices)
+  program = build_program(config, devices, seeds)
   per_chip_batch = config.train.global_batch_size / len(devices)
   report: Dict[str, Any] = {
       "topology": topology,
@@ -207,6 +253,9 @@ def run(config: ml_collections.ConfigDict, topology: str, suites: Sequence[str],
       "compute_dtype": config.model.compute_dtype,
       "note": "step times, images/s and MFU are compiler ESTIMATES, not measurements",
   }
+  if seeds > 1:
+    report["seed_lanes"] = {"seeds": seeds, "mesh": dict(program.seed_mesh.shape),
+                            "chips_per_seed": len(devices) // seeds}
   compilers = {"train": compile_train, "infer": compile_infer}
   for suite in suites:
     start = time.perf_counter()
@@ -218,8 +267,10 @@ def run(config: ml_collections.ConfigDict, topology: str, suites: Sequence[str],
       report[suite] = compiled_cost.out_of_memory(str(e), time.perf_counter() - start)
     else:
       seconds = time.perf_counter() - start
+      lane_batch = seeds if suite == "train" else 1  # every lane trains the config's batch
       report[suite] = compiled_cost.analyse(
-          compiled, chip=chip, num_chips=len(devices), per_chip_batch=per_chip_batch,
+          compiled, chip=chip, num_chips=len(devices),
+          per_chip_batch=per_chip_batch * lane_batch,
           model_flops=model_flops_per_example(config, suite), compile_seconds=seconds)
     if on_suite is not None:
       on_suite(report)
@@ -230,6 +281,11 @@ def summary(report: Dict[str, Any], suites: Sequence[str]) -> str:
   lines = [f"{report['topology']}: {report['num_chips']} x {report['device_kind']} "
            f"({report['num_hosts']} hosts), mesh {report['mesh']}, {report['strategy']}, "
            f"global batch {report['global_batch_size']}, {report['compute_dtype']}"]
+  if "seed_lanes" in report:
+    lanes = report["seed_lanes"]
+    lines.append(f"  train: {lanes['seeds']} seeds side by side, {lanes['chips_per_seed']} chips "
+                 f"each (mesh {lanes['mesh']}), global batch {report['global_batch_size']} "
+                 f"per seed")
   hbm = report["hbm_bytes_per_chip"] / compiled_cost.GIB
   for suite in suites:
     r = report[suite]
@@ -266,7 +322,8 @@ def main(argv) -> None:
   jax.config.update("jax_threefry_partitionable", True)
   suites = ("train", "infer") if _SUITE.value == "both" else (_SUITE.value,)
   try:
-    report = run(_CONFIG.value, _TOPOLOGY.value, suites, on_suite=_write_json)
+    report = run(_CONFIG.value, _TOPOLOGY.value, suites, on_suite=_write_json,
+                 seeds=_SEEDS.value)
   except errors.UserFacingError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -162,12 +162,12 @@ def format_table(result: Dict[str, Any], per_case: bool = False) -> str:
   return "\n".join(lines)
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
   """NaN/inf -> null (strict JSON), numpy scalars -> Python, int dict keys -> strings."""
   if isinstance(value, dict):
-    return {str(k): _json_safe(v) for k, v in value.items()}
+    return {str(k): json_safe(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return [_json_safe(v) for v in value]
+    return [json_safe(v) for v in value]
   if isinstance(value, (np.generic,)):
     value = value.item()
   if isinstance(value, float) and not math.isfinite(value):
@@ -178,7 +178,7 @@ def _json_safe(value: Any) -> Any:
 def write_json(result: Dict[str, Any], path: storage.PathLike) -> epath.Path:
   path = storage.path(path)
   if jax.process_index() == 0:
-    storage.write_text_atomic(path, json.dumps(_json_safe(result), indent=1, allow_nan=False))
+    storage.write_text_atomic(path, json.dumps(json_safe(result), indent=1, allow_nan=False))
   return path
 
 

@@ -6,6 +6,10 @@ tactics chosen in `config.mesh.strategy`:
   * "fsdp": each large parameter sharded along its largest dimension divisible by the fsdp axis
             size (ZeRO-3 style; the optimizer state follows the parameters).
 The frozen VAE is always replicated explicitly. Nothing outside this module names mesh axes.
+
+Seed lanes (`make_seed_mesh`, sdseg_jax/seed_lanes.py): K independent runs side by side on one
+mesh ("seed", "data", "fsdp"). Every array of the K runs gets a leading K axis split over "seed",
+and inside a lane the single-run rules above apply unchanged.
 """
 
 import dataclasses
@@ -26,6 +30,7 @@ from sdseg_jax import state as state_lib
 
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
+SEED_AXIS = "seed"
 # Parameters smaller than this stay replicated under FSDP: sharding them saves nothing.
 FSDP_MIN_SIZE = 2 ** 14
 
@@ -64,8 +69,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over every device of the mesh."""
+  """Leading (batch) axis split over every device of the mesh; on a seed mesh the leading axis
+  is the lane and the batch axis after it is split over each lane's devices."""
+  if SEED_AXIS in mesh.axis_names:
+    return NamedSharding(mesh, P(SEED_AXIS, BATCH_AXES))
   return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def per_lane(mesh: Mesh) -> NamedSharding:
+  """One value per lane (metrics, scale factors): the leading K axis over "seed"."""
+  return NamedSharding(mesh, P(SEED_AXIS))
 
 
 def _fsdp_spec(shape: Sequence[int], fsdp_size: int) -> P:
@@ -89,10 +102,17 @@ def param_shardings(abstract_tree: Any, mesh: Mesh, strategy: str) -> Any:
 
 
 def global_batch_size_check(global_batch_size: int, mesh: Mesh) -> None:
-  if global_batch_size % (mesh.size) or global_batch_size % jax.process_count():
+  """The batch splits evenly over the devices and processes of a run (of each lane)."""
+  if SEED_AXIS in mesh.axis_names:
+    devices = mesh.size // mesh.shape[SEED_AXIS]
+    processes = max(len(lane_processes(mesh, k)) for k in range(mesh.shape[SEED_AXIS]))
+    what = "of each seed lane"
+  else:
+    devices, processes, what = mesh.size, jax.process_count(), ""
+  if global_batch_size % devices or global_batch_size % processes:
     raise errors.ConfigError(
         f"global batch size {global_batch_size} must be divisible by the number "
-        f"of devices ({mesh.size}) and processes ({jax.process_count()})")
+        f"of devices ({devices}) and processes ({processes}){what and ' ' + what}")
 
 
 def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
@@ -100,6 +120,77 @@ def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items()}
+
+
+def make_seed_mesh(mesh_config: Mapping[str, Any], num_seeds: int,
+                   devices: Optional[Sequence[Any]] = None) -> Mesh:
+  """A ("seed", "data", "fsdp") mesh: `num_seeds` lanes, each a (data, fsdp) mesh as configured
+  over 1/num_seeds of the devices (a lane is a contiguous block of the device layout)."""
+  devices = list(jax.devices() if devices is None else devices)
+  if num_seeds < 1 or len(devices) % num_seeds:
+    raise errors.ConfigError(f"{len(devices)} devices cannot be split into {num_seeds} equal "
+                             f"seed lanes")
+  shape = (num_seeds, *mesh_shape(int(mesh_config["data"]), int(mesh_config["fsdp"]),
+                                  len(devices) // num_seeds))
+  try:
+    grid = mesh_utils.create_device_mesh(shape, devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    grid = np.asarray(devices).reshape(shape)
+  axes = (SEED_AXIS, *AXES)
+  return Mesh(grid, axes, axis_types=(AxisType.Auto,) * len(axes))
+
+
+def lane_processes(mesh: Mesh, lane: int) -> list[int]:
+  """The processes holding lane `lane`'s devices, in the order its batch rows are laid out."""
+  order: list[int] = []
+  for device in mesh.devices[lane].flat:
+    if device.process_index not in order:
+      order.append(device.process_index)
+  return order
+
+
+def lane_shardings(single_run_shardings: Any, seed_mesh: Mesh) -> Any:
+  """The single-run shardings of a tree, moved to the seed mesh behind a leading lane axis."""
+  return jax.tree_util.tree_map(
+      lambda s: NamedSharding(seed_mesh, P(SEED_AXIS, *s.spec)), single_run_shardings)
+
+
+def map_lanes(fn: Any, mesh: Mesh, lane_args: Sequence[bool]) -> Any:
+  """`fn` (one run's computation) applied to every lane of a seed mesh, in one program.
+
+  Arguments flagged in `lane_args` carry a leading lane axis (each lane gets its own slice);
+  the others are shared. Outputs get a leading lane axis. The lanes are a `shard_map` over
+  "seed" only: inside, each lane runs exactly the single-run program, partitioned over its own
+  (data, fsdp) devices by the usual shardings. (Not `vmap`: a vmapped 1x1 convolution with
+  per-lane kernels becomes a grouped convolution that XLA:CPU's SPMD partitioner computes
+  wrongly when the groups are split over devices, jax 0.10.2.)
+  """
+  def one_lane(*args):
+    args = [jax.tree_util.tree_map(lambda x: x[0], a) if lane else a
+            for a, lane in zip(args, lane_args)]
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], fn(*args))
+  return jax.shard_map(one_lane, mesh=mesh,
+                       in_specs=tuple(P(SEED_AXIS) if lane else P() for lane in lane_args),
+                       out_specs=P(SEED_AXIS), axis_names={SEED_AXIS})
+
+
+def lanes_to_global(lane_batches: Mapping[int, Mapping[str, np.ndarray]], num_seeds: int,
+                    mesh: Mesh) -> dict:
+  """{lane: this process's share of that lane's batch} -> global (K, B, ...) arrays.
+
+  A process holds the lanes its devices belong to (all of them on one host) and, of each, the
+  rows of its devices; the shares are stacked in lane order, which is the layout
+  `make_array_from_process_local_data` expects for a contiguous block of the mesh.
+  """
+  sharding = batch_sharding(mesh)
+  lanes = sorted(lane_batches)
+  out = {}
+  for key in lane_batches[lanes[0]]:
+    local = np.stack([np.asarray(lane_batches[k][key]) for k in lanes])
+    rows = local.shape[1] * len(lane_processes(mesh, lanes[0]))
+    out[key] = jax.make_array_from_process_local_data(
+        sharding, local, (num_seeds, rows, *local.shape[2:]))
+  return out
 
 
 @dataclasses.dataclass(frozen=True)

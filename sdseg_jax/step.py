@@ -54,8 +54,8 @@ def train_step(state: state_lib.TrainState, batch: Batch, vae_params: Any, *,
   decay = optim.ema_decay(state.step + 1, config.ema.decay, config.ema.use_num_updates)
   ema_unet = optim.ema_update(state.ema_unet, params["unet"], decay)
   metrics = dict(metrics,
-                 grad_norm=optax.global_norm(grads),
-                 param_norm=optax.global_norm(params),
+                 grad_norm=optax.tree.norm(grads),
+                 param_norm=optax.tree.norm(params),
                  learning_rate=optim.learning_rate_schedule(config)(state.step),
                  ema_decay=decay)
   new_state = state.replace(step=state.step + 1, params=params, ema_unet=ema_unet,
@@ -66,22 +66,29 @@ def train_step(state: state_lib.TrainState, batch: Batch, vae_params: Any, *,
 def compile_train_step(model: sdseg.SDSeg, tx: optax.GradientTransformation,
                        config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                        abstract_state: Any, state_shardings: Any, abstract_vae: Any,
-                       vae_shardings: Any, image_size: int) -> Tuple[Callable, Dict[str, Any]]:
+                       vae_shardings: Any, image_size: int, num_seeds: int = 0,
+                       per_lane_vae: bool = False) -> Tuple[Callable, Dict[str, Any]]:
   """AOT-compiles the train step for the mesh: returns (compiled step, compile statistics).
 
   Lowering on ShapeDtypeStructs fails fast on shape or sharding errors and separates compile
-  time from step time.
+  time from step time. With `num_seeds` = K > 0 (seed lanes, on a seed mesh) the step maps over
+  a leading K axis of the state, the batch, the metrics and, if `per_lane_vae`, the VAE: K
+  independent runs in one program, each on its own lane of devices (sharding.map_lanes).
   """
   step_fn = functools.partial(train_step, model=model, tx=tx, config=config)
+  metrics_sh = sharding_lib.replicated(mesh)
+  lead: Tuple[int, ...] = ()
+  if num_seeds:
+    step_fn = sharding_lib.map_lanes(step_fn, mesh, (True, True, per_lane_vae))
+    metrics_sh, lead = sharding_lib.per_lane(mesh), (num_seeds,)
   batch_sh = sharding_lib.batch_sharding(mesh)
-  replicated = sharding_lib.replicated(mesh)
   jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_sh, vae_shardings),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+                   out_shardings=(state_shardings, metrics_sh), donate_argnums=(0,))
   gb = config.train.global_batch_size
-  batch_spec = {k: jax.ShapeDtypeStruct((gb, image_size, image_size, 3), jnp.float32,
+  batch_spec = {k: jax.ShapeDtypeStruct((*lead, gb, image_size, image_size, 3), jnp.float32,
                                         sharding=batch_sh) for k in ("image", "mask")}
   if model.unet.num_classes is not None:
-    batch_spec["class_id"] = jax.ShapeDtypeStruct((gb,), jnp.int32, sharding=batch_sh)
+    batch_spec["class_id"] = jax.ShapeDtypeStruct((*lead, gb), jnp.int32, sharding=batch_sh)
   start = time.perf_counter()
   compiled = jitted.lower(abstract_state, batch_spec, abstract_vae).compile()
   stats = {"compile_seconds": time.perf_counter() - start}

@@ -45,7 +45,7 @@ from sdseg_jax.weights import artifacts
 from sdseg_jax.weights import loading
 
 
-class _StopRequest:
+class StopRequest:
   """Turns SIGTERM into a flag checked between steps (all hosts stop at the same step)."""
 
   def __init__(self):
@@ -74,7 +74,7 @@ class _StopRequest:
     return bool(np.any(flags))
 
 
-def _split_dir(workdir: epath.Path) -> epath.Path:
+def split_dir(workdir: epath.Path) -> epath.Path:
   return workdir / "splits"
 
 
@@ -92,6 +92,27 @@ def check_storage(config: ml_collections.ConfigDict, workdir: epath.Path) -> Non
   registry.check_location(config.data)
 
 
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> epath.Path:
+  """Checks the config, its evaluators and its storage; writes WORKDIR/config.json."""
+  workdir = storage.path(workdir)
+  config_lib.validate(config)
+  evaluators.specs(config)  # an unknown evaluator type or option stops the run here
+  check_storage(config, workdir)
+  if jax.process_index() == 0:
+    config_lib.dump(config, workdir)
+  return workdir
+
+
+def train_loader(config: ml_collections.ConfigDict, workdir: epath.Path, process_index: int,
+                 process_count: int) -> Any:
+  """The run's endless, resumable training iterator (this process's share of each batch)."""
+  return pipeline.make_train_loader(
+      config.data, split_dir=split_dir(workdir),
+      global_batch_size=config.train.global_batch_size, process_index=process_index,
+      process_count=process_count, seed=config.seed, worker_count=config.data.worker_count,
+      num_classes=model_config.num_classes(config.model))
+
+
 def compute_scale_factor(model: sdseg.SDSeg, vae_params: Any, mask: jax.Array,
                          rng: jax.Array) -> float:
   """Official scale_by_std: 1 / std of posterior samples of the first batch's masks (ddof 1)."""
@@ -100,7 +121,7 @@ def compute_scale_factor(model: sdseg.SDSeg, vae_params: Any, mask: jax.Array,
   return float(1.0 / jnp.std(z, ddof=1))
 
 
-def _load_vae(config, model, workdir, mesh, abstract_vae, vae_sh, rng) -> Any:
+def load_frozen_vae(config, model, workdir, mesh, abstract_vae, vae_sh, rng) -> Any:
   """The frozen VAE: converted kl-f8, a converted SDSeg checkpoint, or the demo's pretraining."""
   path, what = vae_pretrain.frozen_vae_source(config, workdir)
   if path.is_file() or path != vae_pretrain.saved_path(workdir):  # configured files must exist
@@ -109,7 +130,7 @@ def _load_vae(config, model, workdir, mesh, abstract_vae, vae_sh, rng) -> Any:
                "for %d steps", config.init.pretrain_vae_steps)
   vae = jax.jit(lambda k: model.init(k)[1], out_shardings=vae_sh)(rng)
   batches = pipeline.make_train_loader(
-      config.data, split_dir=_split_dir(workdir),
+      config.data, split_dir=split_dir(workdir),
       global_batch_size=config.init.pretrain_vae_batch_size,
       process_index=jax.process_index(), process_count=jax.process_count(),
       seed=config.seed + 1000, worker_count=config.data.worker_count)
@@ -124,7 +145,7 @@ def _load_vae(config, model, workdir, mesh, abstract_vae, vae_sh, rng) -> Any:
   return vae
 
 
-def _initial_params(config, model, abstract_params, param_sh, vae_params, rng) -> Any:
+def initial_params(config, model, abstract_params, param_sh, vae_params, rng) -> Any:
   """Trainable params: SDSeg checkpoint, or kl-f8 encoder copy + (LSUN) UNet, else random."""
   params = jax.jit(lambda k: model.init(k)[0], out_shardings=param_sh)(rng)
   if config.init.sdseg:
@@ -156,7 +177,7 @@ def _initial_params(config, model, abstract_params, param_sh, vae_params, rng) -
 
 
 @contextlib.contextmanager
-def _finish_saves_on_error(ckpt: checkpoint_lib.Checkpointer) -> Iterator[None]:
+def finish_saves_on_error(ckpt: checkpoint_lib.Checkpointer) -> Iterator[None]:
   """On any error in the loop, lets an in-flight async save commit before the error propagates.
 
   Otherwise the interpreter shuts down under orbax's writer threads, and the checkpoint being
@@ -169,7 +190,7 @@ def _finish_saves_on_error(ckpt: checkpoint_lib.Checkpointer) -> Iterator[None]:
     raise
 
 
-def _last_good(ckpt: checkpoint_lib.Checkpointer) -> str:
+def last_good(ckpt: checkpoint_lib.Checkpointer) -> str:
   """Where a resume would start from: the newest saved step's folder, or "" if none."""
   step = ckpt.latest_step()
   return "" if step is None else f"{ckpt.directory}/{step} (step {step})"
@@ -177,12 +198,7 @@ def _last_good(ckpt: checkpoint_lib.Checkpointer) -> str:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Trains (or resumes) a run in `workdir` up to config.train.max_steps; returns final metrics."""
-  workdir = storage.path(workdir)
-  config_lib.validate(config)
-  evaluators.specs(config)  # an unknown evaluator type or option stops the run here
-  check_storage(config, workdir)
-  if jax.process_index() == 0:
-    config_lib.dump(config, workdir)
+  workdir = prepare(config, workdir)
 
   # ---- mesh and model ---------------------------------------------------------------------------
   mesh = sharding_lib.make_mesh(config.mesh)
@@ -196,15 +212,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   # ---- data -------------------------------------------------------------------------------------
   if config.data.check_before_training:
     from sdseg_jax.data import check  # pylint: disable=g-import-not-at-top
-    check.quick_check(config.data, _split_dir(workdir))
-  train_iter = pipeline.make_train_loader(
-      config.data, split_dir=_split_dir(workdir),
-      global_batch_size=config.train.global_batch_size, process_index=jax.process_index(),
-      process_count=jax.process_count(), seed=config.seed,
-      worker_count=config.data.worker_count,
-      num_classes=model_config.num_classes(config.model))
+    check.quick_check(config.data, split_dir(workdir))
+  train_iter = train_loader(config, workdir, jax.process_index(), jax.process_count())
   eval_loader = pipeline.make_eval_loader(
-      config.data, config.eval.split, split_dir=_split_dir(workdir),
+      config.data, config.eval.split, split_dir=split_dir(workdir),
       batch_size=config.eval.batch_size, process_index=jax.process_index(),
       process_count=jax.process_count())
   evals = evaluators.from_config(config, model, mesh, eval_loader)  # config.evals
@@ -219,7 +230,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sh)
 
   # ---- weights and state: resume, or initialise --------------------------------------------------
-  vae_params = _load_vae(config, model, workdir, mesh, abstract_vae, vae_sh,
+  vae_params = load_frozen_vae(config, model, workdir, mesh, abstract_vae, vae_sh,
                          jax.random.fold_in(rng, 1))
   ckpt = checkpoint_lib.Checkpointer(
       workdir / "checkpoints", keep_last=config.checkpoint.keep_last,
@@ -232,7 +243,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
                                    str(ckpt.directory / str(ckpt.latest_step())))
     logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
   else:
-    params = _initial_params(config, model, abstract_params, param_sh, vae_params,
+    params = initial_params(config, model, abstract_params, param_sh, vae_params,
                              jax.random.fold_in(rng, 2))
     first_batch = next(train_iter)
     scale = config.scale_factor
@@ -256,13 +267,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   # ---- the loop -------------------------------------------------------------------------------
   writer = logging_lib.MetricWriter(workdir, config.log.tensorboard)
   writer.write(int(state.step), {"compile/train_step_seconds": stats["compile_seconds"]})
-  progress = _progress_bar(config, int(state.step))
+  progress = progress_bar(config, int(state.step))
   last_eval: Dict[str, Any] = {}
   start_step = int(state.step)
   tick, tick_step = time.perf_counter(), start_step
   profile = logging_lib.ProfileWindow(workdir, config.log.profile_start_step,
                                       config.log.profile_steps)
-  with _StopRequest() as stop, _finish_saves_on_error(ckpt), profile:
+  with StopRequest() as stop, finish_saves_on_error(ckpt), profile:
     for step in range(start_step, config.train.max_steps):
       profile.before_step(step, state)
       batch = first_batch if first_batch is not None else next(train_iter)
@@ -274,7 +285,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       final = done == config.train.max_steps
       if done % config.log.every_steps == 0 or final:
         metrics = jax.device_get(metrics)
-        logging_lib.check_finite(metrics, done, _last_good(ckpt))
+        logging_lib.check_finite(metrics, done, last_good(ckpt))
         now = time.perf_counter()
         rate = (done - tick_step) * config.train.global_batch_size / max(now - tick, 1e-9)
         tick, tick_step = now, done
@@ -288,12 +299,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       stopping = stop.agreed()
       ckpt_metrics = None
       if done % config.eval.every_steps == 0 or final:
-        last_eval = _evaluate(evals, state, vae_params, config, workdir, writer, done)
+        last_eval = run_evaluators(evals, state, vae_params, config, workdir, writer, done)
         ckpt_metrics = last_eval
       if done % config.checkpoint.every_steps == 0 or final or stopping:
         # Never save a diverged state: the previous checkpoint stays the newest one.
         metrics = jax.device_get(metrics)
-        logging_lib.check_finite(metrics, done, _last_good(ckpt))
+        logging_lib.check_finite(metrics, done, last_good(ckpt))
         ckpt.save(done, state, data_state=train_iter.get_state(), metrics=ckpt_metrics,
                   extra={"scale_factor": float(state.scale_factor)}, force=stopping)
       if stopping:
@@ -304,22 +315,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
 
   # ---- export and curves ---------------------------------------------------------------------
   if int(state.step) >= config.train.max_steps:
-    export_path = workdir / "export" / "inference.npz"
-    export.export_inference(
-        export_path, unet_params=state.ema_unet,
-        vision_encoder_params=state.params["vision_encoder"],
-        scale_factor=float(state.scale_factor), model_config_json=config.model.to_json(),
-        vae_reference=str(vae_pretrain.frozen_vae_source(config, workdir)[0]),
-        dtype=config.checkpoint.get("export_dtype", "float32"))
-    if jax.process_index() == 0:
-      from sdseg_jax import plots  # pylint: disable=g-import-not-at-top
-      plots.plot_training_curves(workdir / "metrics.jsonl", workdir / "curves.png")
+    export_finished(config, workdir, state)
   ckpt.close()
   writer.close()
   return {"step": int(state.step), **last_eval}
 
 
-def _evaluate(evals, state, vae_params, config, workdir, writer, step) -> Dict[str, float]:
+def export_finished(config: ml_collections.ConfigDict, workdir: epath.Path,
+                    state: state_lib.TrainState) -> None:
+  """A finished run's inference export (WORKDIR/export/inference.npz) and training curves."""
+  export.export_inference(
+      workdir / "export" / "inference.npz", unet_params=state.ema_unet,
+      vision_encoder_params=state.params["vision_encoder"],
+      scale_factor=float(state.scale_factor), model_config_json=config.model.to_json(),
+      vae_reference=str(vae_pretrain.frozen_vae_source(config, workdir)[0]),
+      dtype=config.checkpoint.get("export_dtype", "float32"))
+  if jax.process_index() == 0:
+    from sdseg_jax import plots  # pylint: disable=g-import-not-at-top
+    plots.plot_training_curves(workdir / "metrics.jsonl", workdir / "curves.png")
+
+
+def run_evaluators(evals, state, vae_params, config, workdir, writer, step) -> Dict[str, float]:
   """Runs the config's evaluators with the EMA UNet and the live vision encoder (as the
   official); returns their scalars as {"<prefix>/<name>": value} (what checkpoints rank by)."""
   params = {"unet": state.ema_unet, "vision_encoder": state.params["vision_encoder"]}
@@ -339,7 +355,7 @@ def _evaluate(evals, state, vae_params, config, workdir, writer, step) -> Dict[s
   return scalars
 
 
-def _progress_bar(config, initial: int) -> Optional[Any]:
+def progress_bar(config, initial: int) -> Optional[Any]:
   if not config.log.progress_bar or jax.process_index() != 0:
     return None
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top

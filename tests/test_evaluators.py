@@ -125,7 +125,7 @@ def test_training_runs_every_listed_evaluator_under_its_prefix(tmp_path):
                                 scale_factor=0.5)
   evals = [("eval", _Fixed(0.8)), ("extra", _Fixed(0.4))]
   writer = _Writer()
-  got = train._evaluate(evals, state, None, base.get_config(), tmp_path, writer, 10)  # pylint: disable=protected-access
+  got = train.run_evaluators(evals, state, None, base.get_config(), tmp_path, writer, 10)
   assert got == {"eval/dice": 0.8, "eval/iou": 0.4, "extra/dice": 0.4, "extra/iou": 0.2}
   assert [sorted(row) for _, row in writer.rows] == [
       ["eval/dice", "eval/iou", "eval/seconds"], ["extra/dice", "extra/iou", "extra/seconds"]]

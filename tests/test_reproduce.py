@@ -1,9 +1,10 @@
 """`python -m sdseg_jax.reproduce`: numbers equal evaluate/stability, resumable, protocols.
 
-The end-to-end test trains the tiny config (4 steps) for one seed, then reruns the study with two
-seeds: the first seed must not be retrained (its checkpoints keep their modification times) and
-the report's numbers must equal what `evaluate` and `stability` give for the same checkpoints
-when run on their own.
+The end-to-end test trains the tiny config (4 steps) for one seed, then seeds two more side by
+side in one job (seed lanes), interrupted and finished by a rerun of the study with three seeds:
+the first seed must not be retrained (its checkpoints keep their modification times), the
+report's numbers must equal what `evaluate` and `stability` give for the same checkpoints when
+run on their own, and a seed trained in a lane must equal the same seed trained alone.
 """
 
 import json
@@ -27,9 +28,10 @@ from sdseg_jax.repro import protocols
 from sdseg_jax.repro import report as report_lib
 
 
-def _run(workdir: pathlib.Path, seeds: int) -> dict:
+def _run(workdir: pathlib.Path, seeds: int, seed_parallel: str = "auto") -> dict:
   return reproduce.run(tiny.get_config(), str(workdir), num_seeds=seeds, protocol_name="clean",
-                       ddim_steps=[2], stability_runs=2, config_name="configs/tiny.py")
+                       ddim_steps=[2], stability_runs=2, config_name="configs/tiny.py",
+                       seed_parallel=seed_parallel)
 
 
 def _mtimes(folder: pathlib.Path) -> dict:
@@ -38,29 +40,38 @@ def _mtimes(folder: pathlib.Path) -> dict:
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
+  """Seed 23 alone; then seeds 24 and 25 side by side (2 lanes of 4 emulated devices), stopped
+  after step 2 and finished by the study command, which must not retrain seed 23."""
+  from sdseg_jax import seed_lanes  # pylint: disable=g-import-not-at-top
   workdir = tmp_path_factory.mktemp("study")
-  _run(workdir, seeds=1)
+  _run(workdir, seeds=1, seed_parallel="off")
   first = _mtimes(workdir / "seed_23" / "checkpoints")
-  report = _run(workdir, seeds=2)
+  half = []
+  for seed in (24, 25):
+    config = tiny.get_config()
+    config.seed, config.train.max_steps = seed, 2
+    half.append(config)
+  seed_lanes.run(half, [str(workdir / f"seed_{c.seed}") for c in half])
+  report = _run(workdir, seeds=3)
   return workdir, report, first
 
 
 def test_a_second_run_adds_seeds_without_retraining_finished_ones(study):
   workdir, report, first = study
-  assert report["seeds"] == [23, 24]
+  assert report["seeds"] == [23, 24, 25]
   assert first and _mtimes(workdir / "seed_23" / "checkpoints") == first
-  for seed in (23, 24):
+  for seed in (23, 24, 25):
     assert json.loads((workdir / f"seed_{seed}" / "reproduce" / "train.json").read_text())[
         "steps"] == 4
   assert (workdir / "report.md").read_text().startswith("# SDSeg reproduction: synthetic")
-  assert json.loads((workdir / "report.json").read_text())["seeds"] == [23, 24]
+  assert json.loads((workdir / "report.json").read_text())["seeds"] == [23, 24, 25]
 
 
 @pytest.mark.parametrize("ddim_steps", [0, 2])
 def test_report_equals_evaluate_on_the_same_checkpoints(study, tmp_path, ddim_steps):
   workdir, report, _ = study
   result = report["results"][reproduce.sampler_name(ddim_steps)]
-  for i, seed in enumerate((23, 24)):
+  for i, seed in enumerate((23, 24, 25)):
     out = tmp_path / f"{seed}.json"
     assert evaluate.main(["--workdir", str(workdir / f"seed_{seed}"), "--split", "test",
                           "--ddim-steps", str(ddim_steps), "--hd95", "--json", str(out)]) == 0
@@ -77,7 +88,7 @@ def test_report_equals_evaluate_on_the_same_checkpoints(study, tmp_path, ddim_st
 
 def test_report_equals_stability_on_the_same_checkpoints(study, tmp_path):
   workdir, report, _ = study
-  for i, seed in enumerate((23, 24)):
+  for i, seed in enumerate((23, 24, 25)):
     out = tmp_path / f"{seed}.json"
     assert stability.main(["--workdir", str(workdir / f"seed_{seed}"), "--split", "test",
                            "--runs", "2", "--json", str(out)]) == 0
@@ -86,6 +97,45 @@ def test_report_equals_stability_on_the_same_checkpoints(study, tmp_path):
     assert row["ssim"] == pytest.approx(alone["instance"]["ssim"]["mean"], rel=1e-12)
     assert row["pairwise_dice"] == pytest.approx(alone["pairwise_dice"]["mean"], rel=1e-12)
     assert row["gt_dice_mean"] == pytest.approx(alone["dice_across_runs"]["mean"], rel=1e-12)
+
+
+def _logged(seed_dir: pathlib.Path) -> dict:
+  rows = [json.loads(line) for line in (seed_dir / "metrics.jsonl").read_text().splitlines()]
+  return {(r["step"], k): v for r in rows for k, v in r.items()
+          if k.startswith(("train/", "eval/")) and not k.endswith(("_per_second", "seconds"))}
+
+
+def test_seeds_side_by_side_equal_a_separate_run(study, tmp_path):
+  """Seed 24 trained in a lane (stopped at step 2, resumed) against the same seed alone on all
+  8 devices: every logged loss, gradient norm and validation score, the scale factor and the
+  final weights, up to float round-off."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from sdseg_jax import restore  # pylint: disable=g-import-not-at-top
+  from sdseg_jax import train  # pylint: disable=g-import-not-at-top
+  workdir, report, _ = study
+  config = tiny.get_config()
+  config.seed = 24
+  train.run(config, str(tmp_path / "alone"))
+  record = json.loads((workdir / "seed_24" / "reproduce" / "train.json").read_text())
+  assert record["seed_lanes"] == 2 and record["devices"] == 4 and record["steps"] == 4
+  alone, together = _logged(tmp_path / "alone"), _logged(workdir / "seed_24")
+  assert sorted(together) == sorted(alone) and len(alone) > 20
+  for key, value in alone.items():
+    assert together[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+  a = restore.load_run(str(tmp_path / "alone"), "last")
+  b = restore.load_run(str(workdir / "seed_24"), "last")
+  assert a.step == b.step == 4
+  assert float(b.scale_factor) == pytest.approx(float(a.scale_factor), rel=1e-6)
+  diff = sum(float(np.sum((np.asarray(x) - np.asarray(y)) ** 2)) for x, y in zip(
+      jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)))
+  norm = sum(float(np.sum(np.asarray(x) ** 2)) for x in jax.tree_util.tree_leaves(a.params))
+  assert diff ** 0.5 < 1e-4 * norm ** 0.5
+  # Two seeds in one job: its wall time counts once; each seed had half the devices.
+  walls = {s: json.loads((workdir / f"seed_{s}" / "reproduce" / "train.json").read_text())[
+      "wall_seconds"] for s in (23, 24, 25)}
+  assert walls[24] == walls[25]
+  assert report["cost"]["train_wall_seconds"] == pytest.approx(walls[23] + walls[24])
 
 
 def test_rerun_with_another_protocol_is_refused(tmp_path):

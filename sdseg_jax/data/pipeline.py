@@ -102,6 +102,11 @@ def make_train_loader(data_config, *, split_dir: storage.PathLike, global_batch_
   return iter(it)
 
 
+# What a multi-host seed-lane job saves as the data position of a run on a process that holds none
+# of that run's devices (every process must write the same checkpoint items).
+LANE_NOT_ON_THIS_PROCESS = {"seed_lane": "not on this process"}
+
+
 def restore_train_state(iterator: grain.DatasetIterator, state: Any, source: str) -> None:
   """`iterator.set_state(state)`, with an error that says why a saved state does not fit.
 
@@ -109,6 +114,11 @@ def restore_train_state(iterator: grain.DatasetIterator, state: Any, source: str
   (`config.data.worker_count > 0`) saves another structure than one without, and restoring one
   into the other fails deep inside grain with a bare KeyError.
   """
+  if state == LANE_NOT_ON_THIS_PROCESS:
+    raise DataError(
+        f"{source}: this process held no part of this run when a seed-lane job saved it "
+        "(sdseg_jax/seed_lanes.py), so there is no data position to resume from; resume it "
+        "with the job's original number of processes (python -m sdseg_jax.reproduce)")
   try:
     iterator.set_state(state)
   except (KeyError, ValueError, TypeError, IndexError) as e:

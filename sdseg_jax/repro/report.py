@@ -123,7 +123,8 @@ def build_report(*, dataset: str, config_name: str, protocol: Mapping[str, Any],
   wall_seconds, devices, precision), "evals" ({sampler name: evaluate JSON}), "stability"
   (stability JSON or None) and "export" (path, sha256, bytes, dtype, or None)."""
   samplers = list(seeds[0]["evals"])
-  wall = sum(s["train"]["wall_seconds"] for s in seeds)
+  # Seeds trained side by side share one job's wall time.
+  wall = sum(s["train"]["wall_seconds"] / s["train"].get("seed_lanes", 1) for s in seeds)
   device_hours = sum(s["train"]["wall_seconds"] * s["train"]["devices"] for s in seeds) / 3600
   return {
       "dataset": dataset, "config": config_name, "protocol": dict(protocol),
