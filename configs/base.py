@@ -83,7 +83,7 @@ def small_model(size: int = 64) -> ml_collections.ConfigDict:
 
 
 def use_small_model(config: ml_collections.ConfigDict, size: int = 64) -> None:
-  """Switches a config to `small_model` with a VAE pre-trained on the masks (no downloads)."""
+  """Switches a config to `small_model`, its VAE pre-trained on images and masks (no downloads)."""
   config.model = small_model(size)
   config.data.image_size = size
   config.init.vae = ""
@@ -188,7 +188,8 @@ def get_config() -> ml_collections.ConfigDict:
   # A converted full SDSeg checkpoint (--kind sdseg) to start from instead (fine-tuning).
   config.init.sdseg = ""
   # Stand-in for kl-f8 where it cannot be downloaded (demo, tests): train the configured VAE on
-  # the training masks for this many steps before SDSeg training. 0 = off.
+  # the training images and masks (half of each batch each, sdseg_jax/vae_pretrain.py) for this
+  # many steps before SDSeg training. 0 = off.
   config.init.pretrain_vae_steps = 0
   config.init.pretrain_vae_lr = 1e-3
   config.init.pretrain_vae_batch_size = 16

@@ -105,8 +105,8 @@ def _load_vae(config, model, workdir, mesh, abstract_vae, vae_sh, rng) -> Any:
   path, what = vae_pretrain.frozen_vae_source(config, workdir)
   if path.is_file() or path != vae_pretrain.saved_path(workdir):  # configured files must exist
     return loading.place(loading.read(str(path), "vae", abstract_vae, what), vae_sh)
-  logging.info("no kl-f8 weights configured: pre-training the VAE on the training masks "
-               "for %d steps", config.init.pretrain_vae_steps)
+  logging.info("no kl-f8 weights configured: pre-training the VAE on the training images and "
+               "masks for %d steps", config.init.pretrain_vae_steps)
   vae = jax.jit(lambda k: model.init(k)[1], out_shardings=vae_sh)(rng)
   batches = pipeline.make_train_loader(
       config.data, split_dir=_split_dir(workdir),
