@@ -4,7 +4,7 @@
 
 Nothing is downloaded. The frozen VAE, which in the paper is the public kl-f8 autoencoder, is
 replaced by the same architecture at a small width pre-trained for a few hundred steps on the
-training images and masks (config.init.pretrain_vae_steps). Then SDSeg trains exactly as on the real
+training masks (config.init.pretrain_vae_steps). Then SDSeg trains exactly as on the real
 benchmarks (vision encoder + UNet, L1 noise + L1 latent loss, EMA UNet, single-step evaluation
 on the validation split). Rerun with a larger --config.train.max_steps to continue training.
 """

@@ -1,16 +1,18 @@
-"""A stand-in for the kl-f8 download: train the configured VAE on training images and masks.
+"""A stand-in for the kl-f8 download: train the configured VAE on the training masks (and images).
 
 SDSeg needs a frozen autoencoder that can encode and decode masks, and its vision encoder starts
 as a copy of that autoencoder's encoder. The paper uses the public kl-f8 weights, an IMAGE
-autoencoder, so the vision encoder starts out knowing images. Where kl-f8 cannot be had (the
-built-in demo on a laptop, offline tests, `cpu_small`) this trains the configured AutoencoderKL
-as a general autoencoder: every step reconstructs a batch that is half images, half masks
-(both 3-channel in [-1, 1]). Pre-training on the masks alone left the vision encoder with
-weights that had never seen an image (Kvasir-SEG test Dice 0.57 against 0.7+ with images,
-BENCHMARKS.md). The objective is the LDM first-stage one reduced to its pixel terms: L1
-reconstruction of the posterior sample plus a 1e-6-weighted KL term (LDM's kl_weight), per-sample
-sums as in LDM's LPIPSWithDiscriminator, no perceptual or adversarial term. The result is saved
-as WORKDIR/pretrained_vae.npz and reused when the run resumes.
+autoencoder. Where kl-f8 cannot be had (the built-in demo on a laptop, offline tests,
+`cpu_small`) this trains the configured AutoencoderKL on the training masks, or, with
+`with_images` (config.init.pretrain_vae_images), as a general autoencoder on batches that are
+half images, half masks (both 3-channel in [-1, 1]), so that the vision encoder starts from an
+encoder that has seen images, as with kl-f8. Images are off by default: at the CPU budgets
+measured (Kvasir-SEG `cpu_small`, the learning test) they did not help the small model and cost
+mask reconstruction quality (BENCHMARKS.md, "Real Kvasir-SEG, CPU-sized model"). The objective
+is the LDM first-stage one reduced to its pixel terms: L1 reconstruction of the posterior sample
+plus a 1e-6-weighted KL term (LDM's kl_weight), per-sample sums as in LDM's
+LPIPSWithDiscriminator, no perceptual or adversarial term. The result is saved as
+WORKDIR/pretrained_vae.npz and reused when the run resumes.
 """
 
 import functools
@@ -51,8 +53,9 @@ def autoencoder_batch(batch: dict) -> np.ndarray:
 
 def pretrain_vae(model: sdseg.SDSeg, vae_params: Any, batches: Iterator[dict], *, steps: int,
                  learning_rate: float, mesh: jax.sharding.Mesh, rng: jax.Array,
-                 log_every: int = 50) -> Any:
-  """Trains `vae_params` for `steps` Adam steps on the "image" and "mask" entries of `batches`."""
+                 with_images: bool = False, log_every: int = 50) -> Any:
+  """Trains `vae_params` for `steps` Adam steps on the "mask" entries of `batches`, or with
+  `with_images` on `autoencoder_batch` of them (half images, half masks)."""
   tx = optax.adam(learning_rate)
   replicated = sharding_lib.replicated(mesh)
 
@@ -66,7 +69,9 @@ def pretrain_vae(model: sdseg.SDSeg, vae_params: Any, batches: Iterator[dict], *
   opt_state = jax.jit(tx.init, out_shardings=replicated)(vae_params)
   start = time.perf_counter()
   for i in range(steps):
-    x = sharding_lib.host_batch_to_global({"x": autoencoder_batch(next(batches))}, mesh)["x"]
+    batch = next(batches)
+    x = autoencoder_batch(batch) if with_images else batch["mask"]
+    x = sharding_lib.host_batch_to_global({"x": x}, mesh)["x"]
     vae_params, opt_state, aux = step(vae_params, opt_state, x, jax.random.fold_in(rng, i))
     if (i + 1) % log_every == 0 or i + 1 == steps:
       logging.info("VAE pre-training step %d/%d: mean |x - x_rec| = %.4f (%.1f s)", i + 1,

@@ -3,7 +3,7 @@
 Every other training test runs a handful of steps and checks plumbing, so a model that never
 learns (a wrong loss sign, a detached condition, a broken schedule or optimizer) would pass
 them. This one trains tests/configs/learning.py end to end through `python -m sdseg_jax.main`
-(VAE pre-training on the images and masks, 150 SDSeg steps, single-step evaluation on 32 validation cases).
+(VAE pre-training on the masks, 150 SDSeg steps, single-step evaluation on 32 validation cases).
 Measured on the 2-core CI machine: validation Dice 0.838 (2026-12-02).
 """
 

@@ -75,7 +75,7 @@ def test_pretraining_on_images_and_masks_reduces_the_mask_reconstruction_error(m
     recon = model.vae.apply({"params": params}, posterior.mean, method=model.vae.decode)
     return float(jnp.mean(jnp.abs(recon - held_out)))
 
-  # Every step's input must come from `autoencoder_batch` (images and masks), not the masks.
+  # With images, every step's input must come from `autoencoder_batch`, not the masks alone.
   inputs = []
 
   def recording_autoencoder_batch(batch):
@@ -89,7 +89,7 @@ def test_pretraining_on_images_and_masks_reduces_the_mask_reconstruction_error(m
   batches = ({"image": images[i % 8 * 8:(i % 8 + 1) * 8], "mask": masks[i % 8 * 8:(i % 8 + 1) * 8]}
              for i in itertools.count())
   trained = vae_pretrain.pretrain_vae(model, vae, batches, steps=40, learning_rate=2e-3,
-                                      mesh=mesh, rng=jax.random.key(1))
+                                      mesh=mesh, rng=jax.random.key(1), with_images=True)
   assert len(inputs) == 40
   after = error(trained)
   assert after < 0.5 * before, (before, after)

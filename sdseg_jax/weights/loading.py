@@ -24,7 +24,7 @@ Convert them once (no torch needed):
   python -m sdseg_jax.convert --config CONFIG --kind ldm_unet \\
       --checkpoint lsun_churches/model.ckpt --out {unet_hint}
 and point config.init.vae / config.init.unet at the .npz files. Without downloads, use
---config.init.pretrain_vae_steps=N (trains the VAE on the images and masks, as configs/demo.py does)."""
+--config.init.pretrain_vae_steps=N (trains the VAE on the masks, as configs/demo.py does)."""
 
 
 def missing_weights_message(path: str, what: str) -> str:

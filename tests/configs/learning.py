@@ -1,7 +1,7 @@
 """The smallest SDSeg that must LEARN on CPU: the learning test's config (tests/test_learning.py).
 
 The synthetic polyp set at 32 px, a two-level autoencoder (32 -> 16 x 16 x 4 latents) pre-trained
-on the images and masks as the frozen VAE, and a two-level UNet without attention. Sized so that the whole
+on the masks as the frozen VAE, and a two-level UNet without attention. Sized so that the whole
 run (VAE pre-training, SDSeg training, evaluation) takes well under a minute on two cores while
 reaching a validation Dice that an untrained or broken model cannot.
 """
