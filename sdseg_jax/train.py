@@ -126,8 +126,9 @@ def load_frozen_vae(config, model, workdir, mesh, abstract_vae, vae_sh, rng) -> 
   path, what = vae_pretrain.frozen_vae_source(config, workdir)
   if path.is_file() or path != vae_pretrain.saved_path(workdir):  # configured files must exist
     return loading.place(loading.read(str(path), "vae", abstract_vae, what), vae_sh)
-  logging.info("no kl-f8 weights configured: pre-training the VAE on the training masks "
-               "for %d steps", config.init.pretrain_vae_steps)
+  logging.info("no kl-f8 weights configured: pre-training the VAE on the training %s for %d "
+               "steps", "images and masks" if config.init.pretrain_vae_images else "masks",
+               config.init.pretrain_vae_steps)
   vae = jax.jit(lambda k: model.init(k)[1], out_shardings=vae_sh)(rng)
   batches = pipeline.make_train_loader(
       config.data, split_dir=split_dir(workdir),
@@ -136,7 +137,8 @@ def load_frozen_vae(config, model, workdir, mesh, abstract_vae, vae_sh, rng) -> 
       seed=config.seed + 1000, worker_count=config.data.worker_count)
   vae = vae_pretrain.pretrain_vae(model, vae, batches, steps=config.init.pretrain_vae_steps,
                                   learning_rate=config.init.pretrain_vae_lr, mesh=mesh,
-                                  rng=jax.random.fold_in(rng, 1))
+                                  rng=jax.random.fold_in(rng, 1),
+                                  with_images=config.init.pretrain_vae_images)
   # The VAE is replicated: every process holds a full copy on its first local device.
   host = jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), vae)
   if jax.process_index() == 0:

@@ -1,4 +1,5 @@
-"""The kl-f8 stand-in: the pre-training loss written out in numpy, and that training reduces it."""
+"""The kl-f8 stand-in: the pre-training loss written out in numpy, and that training on images and
+masks reduces the reconstruction error of both (the vision encoder starts as its encoder)."""
 
 import itertools
 
@@ -29,6 +30,12 @@ def _masks(n, offset=0):
   return np.repeat(binary[..., None] * 2.0 - 1.0, 3, axis=-1)
 
 
+def _images(n, offset=0):
+  """The synthetic RGB images that go with `_masks(n, offset)`, in [-1, 1] as the pipeline's."""
+  return np.stack([synthetic.generate(0, "train", offset + i, SIZE)["image"]
+                   for i in range(n)]).astype(np.float32) / 127.5 - 1.0
+
+
 def test_loss_is_l1_sum_per_sample_plus_weighted_kl():
   model, vae = _model_and_vae()
   mask = jnp.asarray(_masks(2))
@@ -51,7 +58,13 @@ def test_loss_is_l1_sum_per_sample_plus_weighted_kl():
                              rtol=1e-5)
 
 
-def test_pretraining_reduces_the_reconstruction_error_on_held_out_masks():
+def test_each_step_trains_on_images_and_masks_half_and_half():
+  batch = {"image": _images(4), "mask": _masks(4)}
+  np.testing.assert_array_equal(vae_pretrain.autoencoder_batch(batch),
+                                np.concatenate([batch["image"][:2], batch["mask"][2:]]))
+
+
+def test_pretraining_on_images_and_masks_reduces_the_mask_reconstruction_error(monkeypatch):
   model, vae = _model_and_vae()
   # One device: the 8 emulated test devices would only multiply the CPU compile time.
   mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
@@ -62,10 +75,21 @@ def test_pretraining_reduces_the_reconstruction_error_on_held_out_masks():
     recon = model.vae.apply({"params": params}, posterior.mean, method=model.vae.decode)
     return float(jnp.mean(jnp.abs(recon - held_out)))
 
+  # With images, every step's input must come from `autoencoder_batch`, not the masks alone.
+  inputs = []
+
+  def recording_autoencoder_batch(batch):
+    inputs.append(autoencoder_batch(batch))
+    return inputs[-1]
+
+  autoencoder_batch = vae_pretrain.autoencoder_batch
+  monkeypatch.setattr(vae_pretrain, "autoencoder_batch", recording_autoencoder_batch)
   before = error(vae)
-  train = _masks(64)
-  batches = ({"mask": train[i % 8 * 8:(i % 8 + 1) * 8]} for i in itertools.count())
+  images, masks = _images(64), _masks(64)
+  batches = ({"image": images[i % 8 * 8:(i % 8 + 1) * 8], "mask": masks[i % 8 * 8:(i % 8 + 1) * 8]}
+             for i in itertools.count())
   trained = vae_pretrain.pretrain_vae(model, vae, batches, steps=40, learning_rate=2e-3,
-                                      mesh=mesh, rng=jax.random.key(1))
+                                      mesh=mesh, rng=jax.random.key(1), with_images=True)
+  assert len(inputs) == 40
   after = error(trained)
   assert after < 0.5 * before, (before, after)
