@@ -261,7 +261,7 @@ def test_fine_tune_from_a_binary_checkpoint_keeps_a_random_label_emb(tiny_model,
   mesh = sharding_lib.make_mesh(config.mesh)
   abstract_params, _ = jax.eval_shape(model.init, jax.random.key(0))
   param_sh = sharding_lib.param_shardings(abstract_params, mesh, "dp")
-  got = train_lib._initial_params(config, model, abstract_params, param_sh, vae,  # pylint: disable=protected-access
+  got = train_lib.initial_params(config, model, abstract_params, param_sh, vae,
                                   jax.random.key(9))
   jax.tree_util.tree_map(np.testing.assert_array_equal,
                          host({k: got["unet"][k] for k in binary_unet}), host(binary_unet))

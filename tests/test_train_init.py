@@ -43,7 +43,7 @@ def test_unet_from_config_init_unet_and_encoder_copied_from_the_vae(official_fix
   model, config, state, path, vae, abstract_params, param_sh = _setup(official_fixtures,
                                                                       tmp_path)
   config.init.unet = str(path)
-  params = train_lib._initial_params(config, model, abstract_params, param_sh,  # pylint: disable=protected-access
+  params = train_lib.initial_params(config, model, abstract_params, param_sh,
                                      vae, jax.random.key(0))
   unet = _flat(params["unet"])
   # Straight from the official tensors: the first input conv (OIHW -> HWIO, 4 latent channels
@@ -75,7 +75,7 @@ def test_unet_from_config_init_unet_and_encoder_copied_from_the_vae(official_fix
 def test_without_config_init_unet_the_unet_is_random(official_fixtures, tmp_path):
   model, config, state, _, vae, abstract_params, param_sh = _setup(official_fixtures, tmp_path)
   config.init.unet = ""
-  params = train_lib._initial_params(config, model, abstract_params, param_sh,  # pylint: disable=protected-access
+  params = train_lib.initial_params(config, model, abstract_params, param_sh,
                                      vae, jax.random.key(0))
   first = np.asarray(params["unet"]["input_blocks_0_0"]["kernel"])
   src = state["model.diffusion_model.input_blocks.0.0.weight"].transpose(2, 3, 1, 0)
@@ -88,9 +88,9 @@ def test_a_wrong_artifact_is_an_error_naming_the_file(official_fixtures, tmp_pat
   artifacts.save(wrong, {"vae": {"x": np.zeros(2, np.float32)}}, {"kind": "autoencoder"})
   config.init.unet = str(wrong)
   with pytest.raises(artifacts.ArtifactError, match="vae_only.npz"):
-    train_lib._initial_params(config, model, abstract_params, param_sh, vae,  # pylint: disable=protected-access
+    train_lib.initial_params(config, model, abstract_params, param_sh, vae,
                               jax.random.key(0))
   config.init.unet = str(tmp_path / "missing.npz")
   with pytest.raises(FileNotFoundError, match="missing.npz"):
-    train_lib._initial_params(config, model, abstract_params, param_sh, vae,  # pylint: disable=protected-access
+    train_lib.initial_params(config, model, abstract_params, param_sh, vae,
                               jax.random.key(0))
