@@ -121,6 +121,8 @@ def build_program(config: ml_collections.ConfigDict, devices: Sequence[Any],
     # "auto" resolves for the TARGET's backend, not for the machine that compiles.
     config.model.compute_dtype = sdseg.resolve_compute_dtype(config.model.compute_dtype,
                                                              backend=platform)
+    kernels = sdseg.resolve_kernels(config.model, backend=platform)
+    config.model.norm_impl, config.model.upsample_impl = kernels.norm, kernels.upsample
   seed_mesh = None
   try:
     mesh = sharding_lib.make_mesh(config.mesh, devices)
@@ -251,6 +253,8 @@ def run(config: ml_collections.ConfigDict, topology: str, suites: Sequence[str],
       "strategy": config.mesh.strategy,
       "global_batch_size": config.train.global_batch_size,
       "compute_dtype": config.model.compute_dtype,
+      "norm_impl": config.model.norm_impl,
+      "upsample_impl": config.model.upsample_impl,
       "note": "step times, images/s and MFU are compiler ESTIMATES, not measurements",
   }
   if seeds > 1:

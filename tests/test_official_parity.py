@@ -5,6 +5,7 @@ checkpoints (see ../shared/fixtures/official-sdseg/SOURCE.md). Tolerance: max ab
 <= 1e-4 x max |ref|.
 """
 
+import dataclasses
 import json
 import math
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from sdseg_jax import diffusion
+from sdseg_jax.models import layers
 from sdseg_jax.models import model_config
 from sdseg_jax.models import sdseg
 from sdseg_jax.weights import convert
@@ -41,9 +43,20 @@ def ref(official_fixtures):
   return dict(np.load(official_fixtures / "tiny_reference.npz"))
 
 
-@pytest.fixture(scope="module")
-def online(official_fixtures):
-  return official_models.load_trained(official_fixtures, use_ema=False)
+# Both forms of each alternative layer (models/layers.py, `Kernels`) must reproduce the official
+# outputs: "auto" picks between them per backend.
+KERNEL_FORMS = [layers.Kernels(norm="channel_sums", upsample="folded"),
+                layers.Kernels(norm="flax", upsample="repeat")]
+
+
+@pytest.fixture(scope="module", params=KERNEL_FORMS, ids=lambda k: f"{k.norm}-{k.upsample}")
+def online(official_fixtures, request):
+  model, trees, report = official_models.load_trained(official_fixtures, use_ema=False)
+  kernels = request.param
+  model = dataclasses.replace(model, vae=model.vae.clone(kernels=kernels),
+                              vision_encoder=model.vision_encoder.clone(kernels=kernels),
+                              unet=model.unet.clone(kernels=kernels))
+  return model, trees, report
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ and the stages (`init`, `encode_mask`, `encode_image`, `denoise`, `decode`, `pre
 stand-in Flax modules small enough that the expected outputs are written by hand in numpy.
 """
 
+import functools
+import re
 from typing import Optional
 
 import flax.linen as nn
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 
 from sdseg_jax import diffusion
+from sdseg_jax import errors
 from sdseg_jax.models import model_config
 from sdseg_jax.models import sdseg
 from sdseg_jax.models import vae as vae_lib
@@ -56,7 +59,7 @@ def test_build_passes_every_field_to_its_module():
       attention_resolutions=(2, 4), num_res_blocks=3, channel_mult=(1, 3), num_heads=3,
       num_head_channels=8, num_heads_upsample=2, use_scale_shift_norm=False,
       resblock_updown=False, conv_resample=False, use_new_attention_order=True, num_classes=6,
-      dropout=0.3, remat_attention=True, dtype=jnp.bfloat16, precision=jax.lax.Precision.HIGH,
+      dropout=0.3, remat_blocks=True, dtype=jnp.bfloat16, precision=jax.lax.Precision.HIGH,
       attention_impl="cudnn")
   for name, want in unet_want.items():
     assert getattr(model.unet, name) == want, name
@@ -74,7 +77,7 @@ def test_build_defaults_for_optional_fields():
     del cfg[key]
   model = sdseg.build(cfg)
   assert model.unet.num_heads_upsample == -1 and model.unet.num_classes is None
-  assert model.unet.remat_attention is False
+  assert model.unet.remat_blocks is False
   assert model.unet.dtype == model.vae.dtype == jnp.float32  # "auto" on the CPU test backend
   assert model.unet.precision is None and model.vision_encoder.precision is None
   assert model.unet.attention_impl is None
@@ -322,3 +325,58 @@ def test_predict_latent_passes_class_labels():
   eps = 1.0 + 49 / 100.0
   np.testing.assert_allclose(np.asarray(with_y), -np.sqrt(1 - abar) * eps / np.sqrt(abar),
                              rtol=1e-5)
+
+
+# ---- gradient checkpointing (`use_checkpoint`) --------------------------------------------------
+
+def test_use_checkpoint_recomputes_unet_blocks_with_the_same_gradients():
+  """`use_checkpoint` wraps every residual and attention block in `nn.remat`: the gradients
+  (dropout included) are those of the plain UNet, and the backward pass really recomputes."""
+  from sdseg_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
+  fields = dict(image_size=8, in_channels=4, out_channels=4, model_channels=32,
+                attention_resolutions=(2,), num_res_blocks=1, channel_mult=(1, 2), num_heads=2,
+                dropout=0.3)
+  plain, remat = (unet_lib.UNet(**fields, remat_blocks=flag) for flag in (False, True))
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+  t = jnp.array([3, 900])
+  params = plain.init(jax.random.key(1), x, t)
+  # The zero-initialised output conv would make every other gradient zero.
+  params = jax.tree_util.tree_map(lambda p: p + 0.05, params)
+
+  def loss(model, p):
+    out = model.apply(p, x, t, train=True, rngs={"dropout": jax.random.key(2)})
+    return jnp.sum(out ** 2)
+
+  grads = {m: jax.grad(functools.partial(loss, m))(params) for m in (plain, remat)}
+  # Biases right before a one-channel-per-group GroupNorm have a true gradient of 0 (round-off
+  # only), so the tolerance is relative to the largest gradient.
+  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(grads[plain]))
+  for g_plain, g_remat in zip(jax.tree_util.tree_leaves(grads[plain]),
+                              jax.tree_util.tree_leaves(grads[remat])):
+    np.testing.assert_allclose(g_remat, g_plain, rtol=1e-4, atol=1e-6 * scale)
+  jaxprs = {m: str(jax.make_jaxpr(jax.grad(functools.partial(loss, m)))(params))
+            for m in (plain, remat)}
+  assert "remat" not in jaxprs[plain] and "checkpoint" not in jaxprs[plain]
+  # One checkpointed call per block: 2 + 1 + 2 residual blocks down, 2 mid + 3 + 3 up.
+  blocks = len(re.findall(r"\b(?:remat\d*|checkpoint)\[", jaxprs[remat]))
+  assert blocks >= 11, blocks
+
+
+def test_resolve_kernels_auto_explicit_and_unknown():
+  from sdseg_jax.models import layers  # pylint: disable=g-import-not-at-top
+  cfg = _config()
+  assert sdseg.resolve_kernels(cfg, backend="cpu") == layers.Kernels("channel_sums", "folded")
+  for backend in ("cpu", "tpu", "gpu"):
+    assert sdseg.resolve_kernels(cfg, backend=backend) == sdseg._AUTO_KERNELS.get(
+        backend, sdseg._AUTO_KERNELS["cpu"])
+  cfg.norm_impl, cfg.upsample_impl = "flax", "repeat"
+  assert sdseg.resolve_kernels(cfg, backend="tpu") == layers.Kernels("flax", "repeat")
+  model = sdseg.build(cfg)
+  assert model.vae.kernels == model.vision_encoder.kernels == model.unet.kernels == \
+      layers.Kernels("flax", "repeat")
+  cfg.norm_impl = "batch"
+  with pytest.raises(errors.ConfigError, match="unknown norm kernel 'batch'"):
+    sdseg.resolve_kernels(cfg)
+  cfg.norm_impl, cfg.upsample_impl = "auto", "bilinear"
+  with pytest.raises(errors.ConfigError, match="unknown upsample kernel 'bilinear'"):
+    sdseg.build(cfg)

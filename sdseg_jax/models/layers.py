@@ -10,6 +10,7 @@ statistics as the official code: U(+-1/sqrt(fan_in)) for conv/linear weights and
 uniform with a=sqrt(5)), N(0, 1) for embeddings, and zeros where LDM uses `zero_module`.
 """
 
+import dataclasses
 import math
 from typing import Any, Callable, Sequence
 
@@ -163,13 +164,52 @@ class GroupNorm(nn.Module):
     return centred * inv_std * scale + bias
 
 
-def group_norm(x: jax.Array, name: str, *, epsilon: float, num_groups: int = 32) -> jax.Array:
+NORM_IMPLS = ("channel_sums", "flax")
+UPSAMPLE_IMPLS = ("folded", "repeat")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+  """How two layers are computed; same parameters and maths either way (`config.model.kernels`).
+
+  norm: "channel_sums" (`GroupNorm` above, faster on CPU) or "flax" (`flax.linen.GroupNorm`).
+  upsample: "folded" (`NearestUpsampleConv`, 16/36 of the multiply-adds) or "repeat" (nearest
+  x2 upsampling materialised, then the 3x3 conv, as the official code).
+  The best choice depends on the compiler (BENCHMARKS.md, "Layer choices"); the parity tests
+  run every combination against the official outputs.
+  """
+  norm: str = "channel_sums"
+  upsample: str = "folded"
+
+  def __post_init__(self):
+    if self.norm not in NORM_IMPLS:
+      raise ValueError(f"unknown norm kernel {self.norm!r}; expected one of {NORM_IMPLS}")
+    if self.upsample not in UPSAMPLE_IMPLS:
+      raise ValueError(f"unknown upsample kernel {self.upsample!r}; expected one of "
+                       f"{UPSAMPLE_IMPLS}")
+
+
+def group_norm(x: jax.Array, name: str, *, epsilon: float, num_groups: int = 32,
+               kernels: Kernels = Kernels()) -> jax.Array:
   """GroupNorm with statistics always in float32, returning x's dtype.
 
   The official UNet computes its norms in float32 (`GroupNorm32`), and under bf16 the statistics
   over 256x256 VAE activations would otherwise lose precision.
   """
-  return GroupNorm(num_groups=num_groups, epsilon=epsilon, name=name)(x).astype(x.dtype)
+  if kernels.norm == "flax":
+    norm = nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, use_fast_variance=False,
+                        dtype=jnp.float32, param_dtype=jnp.float32, name=name)
+  else:
+    norm = GroupNorm(num_groups=num_groups, epsilon=epsilon, name=name)
+  return norm(x.astype(jnp.float32)).astype(x.dtype)
+
+
+def upsample_conv(x: jax.Array, features: int, name: str, *, kernels: Kernels = Kernels(),
+                  dtype: Dtype = jnp.float32, precision: Precision = None) -> jax.Array:
+  """Nearest x2 upsampling then a 3x3 'same' conv (parameters `name/kernel`, `name/bias`)."""
+  if kernels.upsample == "repeat":
+    return conv2d(upsample_nearest_2x(x), features, name, dtype=dtype, precision=precision)
+  return NearestUpsampleConv(features, dtype=dtype, precision=precision, name=name)(x)
 
 
 def upsample_nearest_2x(x: jax.Array) -> jax.Array:

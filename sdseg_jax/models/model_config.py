@@ -56,6 +56,12 @@ def model_config(ddconfig: Optional[Mapping[str, Any]] = None,
   cfg.precision = "default"
   # Attention kernel: None (XLA) or "cudnn" (fused flash attention on NVIDIA GPUs, bf16 only).
   cfg.attention_impl = ml_collections.FieldReference(None, field_type=str)
+  # How GroupNorm and the VAE decoder's nearest-upsample + 3x3 conv are computed; same
+  # parameters and maths either way (models/layers.py, `Kernels`). "auto" takes the faster form
+  # for the backend the model is built on (sdseg.resolve_kernels: measured on CPU, the XLA
+  # compiler's estimate on TPU; BENCHMARKS.md, "Layer choices").
+  cfg.norm_impl = "auto"        # or "channel_sums" / "flax"
+  cfg.upsample_impl = "auto"    # or "folded" / "repeat"
   return cfg
 
 

@@ -16,6 +16,7 @@ import ml_collections
 
 from sdseg_jax import diffusion
 from sdseg_jax import errors
+from sdseg_jax.models import layers
 from sdseg_jax.models import unet as unet_lib
 from sdseg_jax.models import vae as vae_lib
 from sdseg_jax.models import vision_encoder as vision_encoder_lib
@@ -134,12 +135,35 @@ def resolve_compute_dtype(name: str, backend: Optional[str] = None) -> str:
   return "bfloat16" if backend in ("gpu", "cuda", "rocm", "tpu") else "float32"
 
 
+# The faster layer forms per backend, for `norm_impl` / `upsample_impl` = "auto". CPU: measured
+# (BENCHMARKS.md, "What was tried for CPU speed"); TPU: XLA:TPU's step-time estimates
+# (BENCHMARKS.md, "Layer choices"); other backends keep the CPU choice until measured.
+_AUTO_KERNELS = {
+    "cpu": layers.Kernels(norm="channel_sums", upsample="folded"),
+    "tpu": layers.Kernels(norm="channel_sums", upsample="folded"),
+}
+
+
+def resolve_kernels(model_config: ml_collections.ConfigDict,
+                    backend: Optional[str] = None) -> layers.Kernels:
+  """`config.model.norm_impl` / `upsample_impl` -> the layer forms; "auto" picks per backend."""
+  auto = _AUTO_KERNELS.get(backend or jax.default_backend(), _AUTO_KERNELS["cpu"])
+  norm = model_config.get("norm_impl", "auto")
+  upsample = model_config.get("upsample_impl", "auto")
+  try:
+    return layers.Kernels(norm=auto.norm if norm == "auto" else norm,
+                          upsample=auto.upsample if upsample == "auto" else upsample)
+  except ValueError as e:
+    raise errors.ConfigError(f"config.model: {e} (or 'auto')") from None
+
+
 def build(model_config: ml_collections.ConfigDict) -> SDSeg:
   """Builds the model from `config.model` (official YAML field names; see configs/base.py)."""
   dtype = _DTYPES[resolve_compute_dtype(model_config.get("compute_dtype", "auto"))]
   precision = _PRECISIONS[model_config.get("precision", "default")]
   attention_impl = model_config.get("attention_impl", None)
-  common = dict(dtype=dtype, precision=precision, attention_impl=attention_impl)
+  common = dict(dtype=dtype, precision=precision, attention_impl=attention_impl,
+                kernels=resolve_kernels(model_config))
   vae_cfg, enc_cfg, unet_cfg = model_config.vae, model_config.vision_encoder, model_config.unet
   if unet_cfg.get("use_spatial_transformer", False):
     raise errors.ConfigError(
@@ -162,7 +186,7 @@ def build(model_config: ml_collections.ConfigDict) -> SDSeg:
       resblock_updown=unet_cfg.resblock_updown, conv_resample=unet_cfg.conv_resample,
       use_new_attention_order=unet_cfg.use_new_attention_order,
       num_classes=unet_cfg.get("num_classes", None), dropout=unet_cfg.dropout,
-      remat_attention=unet_cfg.get("use_checkpoint", False), **common)
+      remat_blocks=unet_cfg.get("use_checkpoint", False), **common)
   schedule = diffusion.make_schedule(model_config.schedule.timesteps,
                                      model_config.schedule.linear_start,
                                      model_config.schedule.linear_end)

@@ -8,6 +8,7 @@ so that LDM and SDSeg checkpoints map onto these parameters by name. Every field
 and is rejected.
 """
 
+import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -42,11 +43,13 @@ class ResBlock(nn.Module):
   down: bool = False
   dtype: Any = jnp.float32
   precision: Any = None
+  kernels: layers.Kernels = layers.Kernels()
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
     kw = dict(dtype=self.dtype, precision=self.precision)
-    h = nn.silu(layers.group_norm(x, "in_layers_0", epsilon=UNET_NORM_EPS))
+    norm = functools.partial(layers.group_norm, epsilon=UNET_NORM_EPS, kernels=self.kernels)
+    h = nn.silu(norm(x, "in_layers_0"))
     if self.up:
       h, x = layers.upsample_nearest_2x(h), layers.upsample_nearest_2x(x)
     elif self.down:
@@ -57,9 +60,9 @@ class ResBlock(nn.Module):
     e = layers.linear(nn.silu(emb), emb_width, "emb_layers_1", **kw)[:, None, None, :]
     if self.use_scale_shift_norm:
       scale, shift = jnp.split(e, 2, axis=-1)
-      h = layers.group_norm(h, "out_layers_0", epsilon=UNET_NORM_EPS) * (1 + scale) + shift
+      h = norm(h, "out_layers_0") * (1 + scale) + shift
     else:
-      h = layers.group_norm(h + e, "out_layers_0", epsilon=UNET_NORM_EPS)
+      h = norm(h + e, "out_layers_0")
     h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
     h = layers.conv2d(h, self.out_channels, "out_layers_3", zero_init=True, **kw)
 
@@ -80,12 +83,14 @@ class AttentionBlock(nn.Module):
   dtype: Any = jnp.float32
   precision: Any = None
   attention_impl: Any = None
+  kernels: layers.Kernels = layers.Kernels()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, hgt, wid, c = x.shape
     kw = dict(dtype=self.dtype, precision=self.precision)
-    h = layers.group_norm(x, "norm", epsilon=UNET_NORM_EPS).reshape(b, hgt * wid, c)
+    h = layers.group_norm(x, "norm", epsilon=UNET_NORM_EPS, kernels=self.kernels)
+    h = h.reshape(b, hgt * wid, c)
     qkv = layers.linear(h, 3 * c, "qkv", **kw)
     head_dim = c // self.num_heads
     if self.use_new_attention_order:
@@ -147,10 +152,14 @@ class UNet(nn.Module):
   use_new_attention_order: bool = False
   num_classes: Optional[int] = None
   dropout: float = 0.0
-  remat_attention: bool = False
+  # The official `use_checkpoint`: recompute each residual and attention block's activations in
+  # the backward pass instead of storing them (gradient checkpointing, as openaimodel's
+  # `checkpoint(...)`): less activation memory for about one more forward pass of the UNet.
+  remat_blocks: bool = False
   dtype: Any = jnp.float32
   precision: Any = None
   attention_impl: Any = None
+  kernels: layers.Kernels = layers.Kernels()
 
   def _heads(self, channels: int, upsample: bool) -> int:
     if self.num_head_channels != -1:
@@ -167,15 +176,18 @@ class UNet(nn.Module):
                        f"(num_classes={self.num_classes}, y given: {y is not None})")
     kw = dict(dtype=self.dtype, precision=self.precision)
     mc = self.model_channels
-    attn_cls = nn.remat(AttentionBlock) if self.remat_attention else AttentionBlock
+    # `train` (argument 3 counting self) selects dropout, so it stays a Python bool under remat.
+    res_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat_blocks else ResBlock
+    attn_cls = nn.remat(AttentionBlock) if self.remat_blocks else AttentionBlock
 
     def res_block(h, out_channels, name, **extra):
-      return ResBlock(out_channels, self.dropout, self.use_scale_shift_norm, name=name,
-                      **extra, **kw)(h, emb, train)
+      return res_cls(out_channels, self.dropout, self.use_scale_shift_norm, kernels=self.kernels,
+                     name=name, **extra, **kw)(h, emb, train)
 
     def attn_block(h, name, upsample=False):
       return attn_cls(self._heads(h.shape[-1], upsample), self.use_new_attention_order,
-                      attention_impl=self.attention_impl, name=name, **kw)(h)
+                      attention_impl=self.attention_impl, kernels=self.kernels, name=name,
+                      **kw)(h)
 
     emb = timestep_embedding(t, mc)
     emb = layers.linear(emb, 4 * mc, "time_embed_0", **kw)
@@ -227,6 +239,6 @@ class UNet(nn.Module):
           ds //= 2
         block += 1
 
-    h = nn.silu(layers.group_norm(h, "out_0", epsilon=UNET_NORM_EPS))
+    h = nn.silu(layers.group_norm(h, "out_0", epsilon=UNET_NORM_EPS, kernels=self.kernels))
     h = layers.conv2d(h, self.out_channels, "out_2", zero_init=True, **kw)
     return h.astype(jnp.float32)

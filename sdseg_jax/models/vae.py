@@ -25,13 +25,14 @@ class ResnetBlock(nn.Module):
   conv_shortcut: bool = False
   dtype: Any = jnp.float32
   precision: Any = None
+  kernels: layers.Kernels = layers.Kernels()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     kw = dict(dtype=self.dtype, precision=self.precision)
-    h = nn.silu(layers.group_norm(x, "norm1", epsilon=VAE_NORM_EPS))
+    h = nn.silu(layers.group_norm(x, "norm1", epsilon=VAE_NORM_EPS, kernels=self.kernels))
     h = layers.conv2d(h, self.out_channels, "conv1", **kw)
-    h = nn.silu(layers.group_norm(h, "norm2", epsilon=VAE_NORM_EPS))
+    h = nn.silu(layers.group_norm(h, "norm2", epsilon=VAE_NORM_EPS, kernels=self.kernels))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = layers.conv2d(h, self.out_channels, "conv2", **kw)
     if x.shape[-1] != self.out_channels:
@@ -47,12 +48,13 @@ class AttnBlock(nn.Module):
   dtype: Any = jnp.float32
   precision: Any = None
   attention_impl: Any = None
+  kernels: layers.Kernels = layers.Kernels()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, hgt, wid, c = x.shape
     kw = dict(kernel_size=1, dtype=self.dtype, precision=self.precision)
-    h = layers.group_norm(x, "norm", epsilon=VAE_NORM_EPS)
+    h = layers.group_norm(x, "norm", epsilon=VAE_NORM_EPS, kernels=self.kernels)
     q = layers.conv2d(h, c, "q", **kw).reshape(b, hgt * wid, 1, c)
     k = layers.conv2d(h, c, "k", **kw).reshape(b, hgt * wid, 1, c)
     v = layers.conv2d(h, c, "v", **kw).reshape(b, hgt * wid, 1, c)
@@ -83,13 +85,14 @@ class Upsample(nn.Module):
   with_conv: bool = True
   dtype: Any = jnp.float32
   precision: Any = None
+  kernels: layers.Kernels = layers.Kernels()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     if not self.with_conv:
       return layers.upsample_nearest_2x(x)
-    return layers.NearestUpsampleConv(x.shape[-1], dtype=self.dtype, precision=self.precision,
-                                      name="conv")(x)
+    return layers.upsample_conv(x, x.shape[-1], "conv", kernels=self.kernels, dtype=self.dtype,
+                                precision=self.precision)
 
 
 class _Level(nn.Module):
@@ -106,18 +109,21 @@ class _Level(nn.Module):
   dtype: Any = jnp.float32
   precision: Any = None
   attention_impl: Any = None
+  kernels: layers.Kernels = layers.Kernels()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     kw = dict(dtype=self.dtype, precision=self.precision)
     for i in range(self.num_blocks):
-      x = ResnetBlock(self.out_channels, self.dropout, name=f"block_{i}", **kw)(x, train)
+      x = ResnetBlock(self.out_channels, self.dropout, kernels=self.kernels, name=f"block_{i}",
+                      **kw)(x, train)
       if self.use_attention:
-        x = AttnBlock(attention_impl=self.attention_impl, name=f"attn_{i}", **kw)(x)
+        x = AttnBlock(attention_impl=self.attention_impl, kernels=self.kernels, name=f"attn_{i}",
+                      **kw)(x)
     if self.resample == "down":
       x = Downsample(self.resamp_with_conv, name="downsample", **kw)(x)
     elif self.resample == "up":
-      x = Upsample(self.resamp_with_conv, name="upsample", **kw)(x)
+      x = Upsample(self.resamp_with_conv, kernels=self.kernels, name="upsample", **kw)(x)
     return x
 
 
@@ -127,14 +133,16 @@ class _Mid(nn.Module):
   dtype: Any = jnp.float32
   precision: Any = None
   attention_impl: Any = None
+  kernels: layers.Kernels = layers.Kernels()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     kw = dict(dtype=self.dtype, precision=self.precision)
     c = x.shape[-1]
-    x = ResnetBlock(c, self.dropout, name="block_1", **kw)(x, train)
-    x = AttnBlock(attention_impl=self.attention_impl, name="attn_1", **kw)(x)
-    return ResnetBlock(c, self.dropout, name="block_2", **kw)(x, train)
+    x = ResnetBlock(c, self.dropout, kernels=self.kernels, name="block_1", **kw)(x, train)
+    x = AttnBlock(attention_impl=self.attention_impl, kernels=self.kernels, name="attn_1",
+                  **kw)(x)
+    return ResnetBlock(c, self.dropout, kernels=self.kernels, name="block_2", **kw)(x, train)
 
 
 class Encoder(nn.Module):
@@ -151,6 +159,7 @@ class Encoder(nn.Module):
   dtype: Any = jnp.float32
   precision: Any = None
   attention_impl: Any = None
+  kernels: layers.Kernels = layers.Kernels()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -162,11 +171,13 @@ class Encoder(nn.Module):
     for i, mult in enumerate(self.ch_mult):
       h = _Level(self.ch * mult, self.num_res_blocks, res in self.attn_resolutions,
                  "down" if i != last else "none", self.dropout, self.resamp_with_conv,
-                 attention_impl=self.attention_impl, name=f"down_{i}", **kw)(h, train)
+                 attention_impl=self.attention_impl, kernels=self.kernels, name=f"down_{i}",
+                 **kw)(h, train)
       if i != last:
         res //= 2
-    h = _Mid(self.dropout, attention_impl=self.attention_impl, name="mid", **kw)(h, train)
-    h = nn.silu(layers.group_norm(h, "norm_out", epsilon=VAE_NORM_EPS))
+    h = _Mid(self.dropout, attention_impl=self.attention_impl, kernels=self.kernels, name="mid",
+             **kw)(h, train)
+    h = nn.silu(layers.group_norm(h, "norm_out", epsilon=VAE_NORM_EPS, kernels=self.kernels))
     out_channels = 2 * self.z_channels if self.double_z else self.z_channels
     return layers.conv2d(h, out_channels, "conv_out", **kw)
 
@@ -186,6 +197,7 @@ class Decoder(nn.Module):
   dtype: Any = jnp.float32
   precision: Any = None
   attention_impl: Any = None
+  kernels: layers.Kernels = layers.Kernels()
 
   @nn.compact
   def __call__(self, z: jax.Array, train: bool = False) -> jax.Array:
@@ -193,16 +205,18 @@ class Decoder(nn.Module):
     n_levels = len(self.ch_mult)
     res = self.resolution // 2 ** (n_levels - 1)
     h = layers.conv2d(z.astype(self.dtype), self.ch * self.ch_mult[-1], "conv_in", **kw)
-    h = _Mid(self.dropout, attention_impl=self.attention_impl, name="mid", **kw)(h, train)
+    h = _Mid(self.dropout, attention_impl=self.attention_impl, kernels=self.kernels, name="mid",
+             **kw)(h, train)
     for i in reversed(range(n_levels)):
       h = _Level(self.ch * self.ch_mult[i], self.num_res_blocks + 1, res in self.attn_resolutions,
                  "up" if i != 0 else "none", self.dropout, self.resamp_with_conv,
-                 attention_impl=self.attention_impl, name=f"up_{i}", **kw)(h, train)
+                 attention_impl=self.attention_impl, kernels=self.kernels, name=f"up_{i}",
+                 **kw)(h, train)
       if i != 0:
         res *= 2
     if self.give_pre_end:
       return h
-    h = nn.silu(layers.group_norm(h, "norm_out", epsilon=VAE_NORM_EPS))
+    h = nn.silu(layers.group_norm(h, "norm_out", epsilon=VAE_NORM_EPS, kernels=self.kernels))
     h = layers.conv2d(h, self.out_ch, "conv_out", **kw)
     return jnp.tanh(h) if self.tanh_out else h
 
@@ -238,12 +252,13 @@ class AutoencoderKL(nn.Module):
   dtype: Any = jnp.float32
   precision: Any = None
   attention_impl: Any = None
+  kernels: layers.Kernels = layers.Kernels()
 
   def setup(self):
     common = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                   attn_resolutions=tuple(self.attn_resolutions), dropout=self.dropout,
                   resolution=self.resolution, dtype=self.dtype, precision=self.precision,
-                  attention_impl=self.attention_impl)
+                  attention_impl=self.attention_impl, kernels=self.kernels)
     self.encoder = Encoder(z_channels=self.z_channels, double_z=self.double_z, **common)
     self.decoder = Decoder(out_ch=self.out_ch, **common)
     fan = 2 * self.z_channels

@@ -30,6 +30,7 @@ class VisionEncoder(nn.Module):
   dtype: Any = jnp.float32
   precision: Any = None
   attention_impl: Any = None
+  kernels: layers.Kernels = layers.Kernels()
 
   @nn.compact
   def __call__(self, image: jax.Array, train: bool = False) -> jax.Array:
@@ -38,7 +39,7 @@ class VisionEncoder(nn.Module):
         attn_resolutions=tuple(self.attn_resolutions), dropout=self.dropout,
         resolution=self.resolution, z_channels=self.z_channels, double_z=self.double_z,
         dtype=self.dtype, precision=self.precision, attention_impl=self.attention_impl,
-        name="encoder")(image, train)
+        kernels=self.kernels, name="encoder")(image, train)
     c = layers.conv2d(h, self.embed_dim, "out", kernel_size=1, dtype=self.dtype,
                       precision=self.precision)
     return c.astype(jnp.float32)
