@@ -43,6 +43,14 @@ def _check_entry(entry, suite, batch):
 def test_full_size_detection():
   assert benchmark.is_full_size(base.get_config())
   assert not benchmark.is_full_size(_tiny_config())
+  # How the model is computed (layer forms, remat, dtype) leaves its FLOPs unchanged.
+  config = base.get_config()
+  config.model.norm_impl, config.model.upsample_impl = "flax", "repeat"
+  config.model.attention_impl, config.model.compute_dtype = "pallas", "bfloat16"
+  config.model.unet.use_checkpoint = True
+  assert benchmark.is_full_size(config)
+  config.model.unet.num_res_blocks = 3
+  assert not benchmark.is_full_size(config)
 
 
 def test_map_microbatches_equals_one_call():

@@ -118,7 +118,10 @@ def is_full_size(config: ml_collections.ConfigDict) -> bool:
   """Whether config.model is the official full-size SDSeg at 256x256 (the FLOP counts' model)."""
   reference = model_config.model_config().to_dict()
   given = config.model.to_dict()
-  ignore = ("compute_dtype", "precision", "attention_impl")
+  # Settings that change how, not what, is computed (the same FLOPs of the same model).
+  ignore = ("compute_dtype", "precision", "attention_impl", "norm_impl", "upsample_impl")
+  how = lambda unet: {k: v for k, v in unet.items() if k != "use_checkpoint"}
+  reference["unet"], given["unet"] = how(reference["unet"]), how(given.get("unet", {}))
   return all(given.get(k) == v for k, v in reference.items() if k not in ignore)
 
 
