@@ -142,3 +142,32 @@ def test_unknown_topology_is_a_clear_error(tmp_path):
   rc, err, report = aot(tmp_path, "bad", "--topology", "v5e-8")
   assert rc == 2 and report is None
   assert "unknown topology 'v5e-8'" in err and "v5e:2x4" in err
+
+
+def test_attention_kernel_comparison_on_the_tiny_model(tmp_path):
+  """`python -m sdseg_jax.bench.tpu_attention`: every attention call of the train step and of
+  inference, compiled for one v5e chip with XLA's attention and with the Pallas kernel."""
+  out = tmp_path / "attention.json"
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(
+      [sys.executable, "-m", "sdseg_jax.bench.tpu_attention", "--config", "configs/tiny.py",
+       "--topology", "v5e:2x2", "--json", str(out)],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report["per_chip_batch"] == 2 and report["device_kind"] == "TPU v5 lite"
+  rows = {(r["suite"], tuple(r["q_shape"]), r["kernel"]): r for r in report["rows"]}
+  # The tiny model: the VAE mid-block attends over the 16x16 latent (256 tokens, one head of
+  # 64), the UNet over 8x8 (64 tokens, two heads of 32); once per network in each suite.
+  vae_call, unet_call = (2, 256, 1, 64), (2, 64, 2, 32)
+  for suite in ("train", "infer"):
+    assert {shape for (s, shape, _) in rows if s == suite} == {vae_call, unet_call}
+    for kernel in ("xla", "pallas"):
+      assert rows[(suite, vae_call, kernel)]["flops"] > 0
+    assert rows[(suite, unet_call, "xla")]["flops"] > 0
+    assert "runs the XLA path" in rows[(suite, unet_call, "pallas")]["error"]
+  # The backward pass costs more than the forward pass.
+  assert rows[("train", vae_call, "xla")]["flops"] > rows[("infer", vae_call, "xla")]["flops"]
+  assert "train/pallas" in report["roofline_seconds_summed"]
+  assert "estimate" in proc.stdout
