@@ -46,7 +46,7 @@ def test_full_size_detection():
   # How the model is computed (layer forms, remat, dtype) leaves its FLOPs unchanged.
   config = base.get_config()
   config.model.norm_impl, config.model.upsample_impl = "flax", "repeat"
-  config.model.attention_impl, config.model.compute_dtype = "pallas", "bfloat16"
+  config.model.attention_impl, config.model.compute_dtype = "cudnn", "bfloat16"
   config.model.unet.use_checkpoint = True
   assert benchmark.is_full_size(config)
   config.model.unet.num_res_blocks = 3

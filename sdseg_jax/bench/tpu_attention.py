@@ -5,13 +5,16 @@
 Compiles, for ONE chip of the target and the config's per-chip batch, every distinct attention
 call of SDSeg's train step and inference (found by tracing them, so the shapes are the model's):
 `jax.nn.dot_product_attention` (what `models/attention.py` runs) and the Pallas TPU flash
-attention kernel (jax.experimental.pallas.ops.tpu), forward and forward+backward, and prints
-the compiler's FLOPs, bytes accessed, temporaries and a roofline step-time ESTIMATE per call and
-summed over the model's calls. Nothing runs: these are compiler estimates, not measurements.
+attention kernel (jax.experimental.pallas.ops.tpu, `pallas_flash` below), forward and
+forward+backward, and prints the compiler's FLOPs, bytes accessed, temporaries and a roofline
+step-time ESTIMATE per call and summed over the model's calls. Nothing runs: these are compiler
+estimates, not measurements.
 
 XLA's cost analysis cannot see inside a Pallas (Mosaic) kernel: it reports the kernel's own
-declared cost, if any, so the Pallas rows' FLOPs and bytes are not comparable with XLA's and the
-table says so; the temporaries (memory plan) are comparable.
+declared cost, so the Pallas rows' FLOPs and bytes are not comparable with XLA's (its backward
+kernel declares no more FLOPs than the forward) and the table says so; the temporaries (memory
+plan) are comparable. The kernel is not an option of the models: a Mosaic kernel cannot be
+partitioned by XLA's SPMD partitioner, so it would need a shard_map in every sharded program.
 """
 
 import collections
@@ -35,7 +38,24 @@ from sdseg_jax.models import attention
 FLAGS = flags.FLAGS
 
 Shape = Tuple[int, ...]
-KERNELS = ("xla", "pallas")  # `attention.attend` implementations
+KERNELS = ("xla", "pallas")
+# The Pallas TPU kernel's default block: q and kv rows per grid step.
+PALLAS_BLOCK = 128
+
+
+def pallas_flash(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) v by the Pallas TPU flash-attention kernel, for `attend`'s
+  (batch, tokens, heads, head_dim) layout (the kernel's is (batch, heads, tokens, head_dim))."""
+  from jax.experimental.pallas.ops.tpu import flash_attention  # pylint: disable=g-import-not-at-top
+  heads_first = lambda x: jnp.swapaxes(x, 1, 2)
+  out = flash_attention.flash_attention(heads_first(q), heads_first(k), heads_first(v),
+                                        sm_scale=q.shape[-1] ** -0.5)
+  return heads_first(out)
+
+
+def kernel_fn(kernel: str):
+  return pallas_flash if kernel == "pallas" else functools.partial(
+      jax.nn.dot_product_attention, implementation="xla")
 
 
 def attention_calls(program: aot.Program, per_chip_batch: int) -> Dict[str, collections.Counter]:
@@ -73,10 +93,10 @@ def compile_call(device: Any, chip: compiled_cost.Chip, shape: Shape, dtype: str
   mesh = jax.sharding.Mesh([device], ("one",))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   x = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
-  if kernel == "pallas" and shape[1] % attention.PALLAS_BLOCK:
-    return {"error": f"runs the XLA path ({shape[1]} tokens < one {attention.PALLAS_BLOCK}-row "
-                     "block)"}
-  fn = functools.partial(attention.attend, implementation=kernel)
+  if kernel == "pallas" and shape[1] % PALLAS_BLOCK:
+    return {"error": f"not run: {shape[1]} tokens is not a multiple of the kernel's "
+                     f"{PALLAS_BLOCK}-row block (the XLA figures are used)"}
+  fn = kernel_fn(kernel)
   if backward:
     forward = fn
     fn = jax.grad(lambda q, k, v: jnp.sum(forward(q, k, v).astype(jnp.float32)),
@@ -102,7 +122,7 @@ def compare(config, topology: str) -> Dict[str, Any]:
   for suite, calls in attention_calls(program, per_chip).items():
     for (shape, dtype), count in sorted(calls.items()):
       by_kernel = {}
-      for kernel in KERNELS:  # "xla" first: the Pallas path's fallback below one block
+      for kernel in KERNELS:  # "xla" first: the figures used where the kernel cannot run
         figures = compile_call(devices[0], chip, shape, dtype, kernel, backward=suite == "train")
         rows.append({"suite": suite, "q_shape": list(shape), "dtype": dtype, "calls": count,
                      "kernel": kernel, **figures})

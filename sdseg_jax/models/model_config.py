@@ -54,8 +54,7 @@ def model_config(ddconfig: Optional[Mapping[str, Any]] = None,
   cfg.compute_dtype = "auto"
   # Matmul/conv precision: "default", "high" or "highest" (for parity checks on TPU/GPU).
   cfg.precision = "default"
-  # Attention kernel: None (XLA), "cudnn" (fused flash attention on NVIDIA GPUs, bf16 only) or
-  # "pallas" (Pallas flash attention on TPU; models/attention.py).
+  # Attention kernel: None (XLA) or "cudnn" (fused flash attention on NVIDIA GPUs, bf16 only).
   cfg.attention_impl = ml_collections.FieldReference(None, field_type=str)
   # How GroupNorm and the VAE decoder's nearest-upsample + 3x3 conv are computed; same
   # parameters and maths either way (models/layers.py, `Kernels`). "auto" takes the faster form
