@@ -90,6 +90,24 @@ def chip_of(device: Any) -> compiled_cost.Chip:
   return compiled_cost.CHIPS[device.device_kind]
 
 
+def devices_per_chip(devices: Sequence[Any]) -> int:
+  """TensorCores that libtpu describes as separate devices of one chip (2 on v4, which its
+  compile-only topology does not describe as one megacore device; 1 elsewhere)."""
+  coords = getattr(devices[0], "coords", None)
+  if coords is None:
+    return 1
+  return sum(1 for d in devices if getattr(d, "coords", None) == coords)
+
+
+def device_figures(devices: Sequence[Any]) -> compiled_cost.Chip:
+  """The datasheet figures of ONE target device: the chip's, split between its devices."""
+  chip, cores = chip_of(devices[0]), devices_per_chip(devices)
+  if cores == 1:
+    return chip
+  return compiled_cost.Chip(f"{chip.name} (one of {cores} TensorCores)", chip.hbm_bytes // cores,
+                            chip.peak_flops / cores, chip.hbm_bytes_per_second / cores)
+
+
 # ---- what is compiled ----------------------------------------------------------------------------
 def _with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree_util.tree_map(
@@ -237,13 +255,15 @@ def run(config: ml_collections.ConfigDict, topology: str, suites: Sequence[str],
   if seeds < 1:
     raise AotError(f"--seeds must be >= 1, got {seeds}")
   devices = topology_devices(topology)
-  chip = chip_of(devices[0])
+  chip = device_figures(devices)
   program = build_program(config, devices, seeds)
   per_chip_batch = config.train.global_batch_size / len(devices)
   report: Dict[str, Any] = {
       "topology": topology,
       "num_chips": len(devices),
       "num_hosts": len({d.process_index for d in devices}),
+      "devices_per_chip": devices_per_chip(devices),
+      "device_figures": chip.name,  # "per chip" below means per device where that is a core
       "device_kind": devices[0].device_kind,
       "hbm_bytes_per_chip": chip.hbm_bytes,
       "peak_flops_per_chip": chip.peak_flops,
@@ -285,6 +305,11 @@ def summary(report: Dict[str, Any], suites: Sequence[str]) -> str:
   lines = [f"{report['topology']}: {report['num_chips']} x {report['device_kind']} "
            f"({report['num_hosts']} hosts), mesh {report['mesh']}, {report['strategy']}, "
            f"global batch {report['global_batch_size']}, {report['compute_dtype']}"]
+  if report.get("devices_per_chip", 1) > 1:
+    cores = report["devices_per_chip"]
+    lines.append(f"  (each device is one of a chip's {cores} TensorCores: 'per chip' figures "
+                 f"below are per TensorCore, with 1/{cores} of the chip's HBM, peak and "
+                 f"bandwidth)")
   if "seed_lanes" in report:
     lanes = report["seed_lanes"]
     lines.append(f"  train: {lanes['seeds']} seeds side by side, {lanes['chips_per_seed']} chips "

@@ -172,3 +172,20 @@ def test_attention_kernel_comparison_on_the_tiny_model(tmp_path):
   assert rows[("train", vae_call, "xla")]["flops"] > rows[("infer", vae_call, "xla")]["flops"]
   assert "train/pallas" in report["roofline_seconds_summed"]
   assert "estimate" in proc.stdout
+
+
+def test_per_device_figures_split_a_chip_between_its_tensorcores():
+  """libtpu describes a v4 chip's two TensorCores as two devices: each gets half the chip."""
+  import types  # pylint: disable=g-import-not-at-top
+  from sdseg_jax import aot as aot_lib  # pylint: disable=g-import-not-at-top
+  from sdseg_jax import compiled_cost  # pylint: disable=g-import-not-at-top
+  device = lambda kind, x: types.SimpleNamespace(device_kind=kind, coords=[x, 0, 0])
+  v4 = [device("TPU v4", x) for x in (0, 0, 1, 1)]
+  assert aot_lib.devices_per_chip(v4) == 2
+  chip, core = compiled_cost.CHIPS["TPU v4"], aot_lib.device_figures(v4)
+  assert core.hbm_bytes == chip.hbm_bytes // 2 == 16 * GIB
+  assert core.peak_flops == chip.peak_flops / 2
+  assert core.hbm_bytes_per_second == chip.hbm_bytes_per_second / 2
+  v5e = [device("TPU v5 lite", x) for x in range(4)]
+  assert aot_lib.devices_per_chip(v5e) == 1
+  assert aot_lib.device_figures(v5e) == compiled_cost.CHIPS["TPU v5 lite"]

@@ -114,7 +114,7 @@ def compile_call(device: Any, chip: compiled_cost.Chip, shape: Shape, dtype: str
 
 def compare(config, topology: str) -> Dict[str, Any]:
   devices = aot.topology_devices(topology)
-  chip = aot.chip_of(devices[0])
+  chip = aot.device_figures(devices)
   program = aot.build_program(config, devices)
   per_chip = config.train.global_batch_size // len(devices)
   rows: List[Dict[str, Any]] = []
