@@ -59,6 +59,7 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 _COLLECTIVE_RE = re.compile(
     r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_REMAT_RE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.-]+\.remat\d* = ", re.MULTILINE)
 _ARRAY_RE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
 
 
@@ -112,6 +113,9 @@ def analyse(compiled: Any, *, chip: Chip, num_chips: int, per_chip_batch: float,
       "bytes_accessed_per_chip": bytes_accessed,
       "collectives": collectives(hlo),
       "while_loops": len(re.findall(r"\swhile\(", hlo)),
+      # Instructions XLA recomputed to stay under its memory limit (XLA:GPU: 80% of the
+      # device's memory less the program's inputs and outputs): the step does extra work.
+      "rematerialized_instructions": len(_REMAT_RE.findall(hlo)),
       "compile_seconds": compile_seconds,
   }
   # Estimate 1: roofline. XLA counts a loop body once, so the compute term never goes below the

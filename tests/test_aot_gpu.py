@@ -13,6 +13,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -172,6 +173,60 @@ def test_tiny_config_compiles_for_two_h100(tmp_path):
         r["model_flops_per_chip"] / report["peak_flops_per_chip"],
         traffic / report["hbm_bytes_per_second_per_chip"]))
     assert "model FLOPs" in r["roofline_note"]
+    assert r["rematerialized_instructions"] == 0  # far below the memory limit
     assert 0 < r["estimated_mfu"] <= 1
   assert report["train"]["collectives"]["all-reduce"]["count"] > 0  # dp over 2 GPUs
   assert "XLA FLOPs n/a" in proc.stdout and "--xla_gpu_autotune_level=0" in proc.stdout
+
+
+class _CompiledWithoutCostAnalysis:
+  """What XLA:GPU's compile-only executable offers: a memory plan and HLO, no cost analysis."""
+
+  def __init__(self, hlo: str):
+    self._hlo = hlo
+
+  def memory_analysis(self):
+    return types.SimpleNamespace(argument_size_in_bytes=5 * 2 ** 30,
+                                 output_size_in_bytes=4 * 2 ** 30,
+                                 alias_size_in_bytes=4 * 2 ** 30, temp_size_in_bytes=20 * 2 ** 30,
+                                 generated_code_size_in_bytes=0)
+
+  def cost_analysis(self):
+    return None
+
+  def as_text(self):
+    return self._hlo
+
+
+# HLO text of XLA:GPU's h100 train step at batch 104, shortened: XLA names a recomputed
+# instruction `<name>.remat`; definitions count, uses do not.
+_REMAT_HLO = """
+  %loop_transpose_fusion.48.remat = bf16[768,3,3,768]{3,2,1,0} fusion(%p.1), kind=kLoop
+  %gte.remat = bf16[104,256,256,128]{3,2,1,0} get-tuple-element(%loop_compare_select_fusion.remat)
+  %conv.2 = bf16[104,32,32,768]{3,2,1,0} custom-call(%gte.remat, %loop_transpose_fusion.48.remat)
+  ROOT %tuple.remat2 = (f32[]) tuple(%conv.2)
+  %loop_multiply_fusion.remat_like = f32[] fusion(%p.2)
+"""
+
+
+@pytest.mark.parametrize("model_gflop, bound", [(1216.0, "compute"), (1.0, "memory")])
+def test_report_without_cost_analysis(model_gflop, bound):
+  """XLA:GPU's case: XLA's counts are null with the reason; the roofline is built from the
+  model FLOPs and the memory plan's argument + output bytes, whichever bound is larger."""
+  chip = compiled_cost.CHIPS["NVIDIA H100 80GB HBM3"]
+  r = compiled_cost.analyse(
+      _CompiledWithoutCostAnalysis(_REMAT_HLO), chip=chip, num_chips=1, per_chip_batch=32,
+      model_flops={"value": model_gflop * 1e9, "source": "test"}, compile_seconds=1.0)
+  assert not [k for k in compiled_cost.SUITE_KEYS if k not in r]
+  assert r["flops_per_chip"] is None and r["bytes_accessed_per_chip"] is None
+  assert r["xla_to_model_flops"] is None and r["xla_optimal_seconds"] is None
+  assert "cost_analysis() is empty" in r["flops_note"]
+  assert r["bytes_accessed_note"] == r["flops_note"]
+  compute = 32 * model_gflop * 1e9 / chip.peak_flops
+  memory = 9 * 2 ** 30 / chip.hbm_bytes_per_second  # 5 GiB arguments + 4 GiB outputs
+  assert (compute > memory) == (bound == "compute")
+  assert r["roofline_step_seconds"] == pytest.approx(max(compute, memory))
+  assert r["estimated_images_per_s_per_chip"] == pytest.approx(32 / max(compute, memory))
+  assert r["estimated_mfu"] == pytest.approx(compute / max(compute, memory))
+  assert r["peak_bytes_per_chip"] == 25 * 2 ** 30 and r["fits"] is True
+  assert r["rematerialized_instructions"] == 3
