@@ -314,7 +314,8 @@ def summary(report: Dict[str, Any], suites: Sequence[str]) -> str:
     verdict = "fits" if r["fits"] else "DOES NOT FIT"
     optimal = ("n/a" if r["xla_optimal_seconds"] is None
                else f"{r['xla_optimal_seconds'] * 1e3:.1f} ms")
-    xla_flops = ("XLA FLOPs n/a" if r["flops_per_chip"] is None else
+    xla_flops = ("XLA FLOPs n/a (no cost analysis: the roofline uses the model FLOPs and the "
+                 "memory plan's argument + output bytes)" if r["flops_per_chip"] is None else
                  f"XLA {r['flops_per_chip'] / 1e12:.2f} TFLOP/chip "
                  f"({r['xla_to_model_flops'] or 0:.2f} x model)")
     lines.append(
@@ -324,6 +325,9 @@ def summary(report: Dict[str, Any], suites: Sequence[str]) -> str:
         f"{r['roofline_step_seconds'] * 1e3:.1f} ms (roofline) / {optimal} (XLA cost model), "
         f"{r['estimated_images_per_s_per_chip']:.1f} img/s/chip, MFU "
         f"{r['estimated_mfu']:.1%} (estimates); compiled in {r['compile_seconds']:.0f} s")
+    if r.get("rematerialized_instructions"):
+      lines.append(f"    XLA recomputes {r['rematerialized_instructions']} instructions of {suite} "
+                   f"to stay under its memory limit: extra work per step")
   return "\n".join(lines)
 
 
