@@ -298,8 +298,7 @@ def summary(report: Dict[str, Any], suites: Sequence[str]) -> str:
            f"({report['num_hosts']} hosts), mesh {report['mesh']}, {report['strategy']}, "
            f"global batch {report['global_batch_size']}, {report['compute_dtype']}"]
   if "xla_flags" in report:
-    lines.append(f"  XLA_FLAGS for a GPU compile without a GPU: {' '.join(report['xla_flags'])}"
-                 f" ({report['xla_flags_note']})")
+    lines.append(f"  XLA_FLAGS: {' '.join(report['xla_flags'])} ({report['xla_flags_note']})")
   if "seed_lanes" in report:
     lanes = report["seed_lanes"]
     lines.append(f"  train: {lanes['seeds']} seeds side by side, {lanes['chips_per_seed']} chips "

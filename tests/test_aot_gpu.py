@@ -102,7 +102,7 @@ def test_prepare_environment_appends_the_compile_only_flags(monkeypatch):
       "--xla_dump_to=/tmp/d", "--xla_gpu_autotune_level=2", "--xla_gpu_enable_triton_gemm=false"]
   assert os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] == "1"
   assert gpu_targets.report_fields("h100:1")["xla_flags"] == [
-      "--xla_gpu_autotune_level=2", "--xla_gpu_enable_triton_gemm=false"]
+      "--xla_dump_to=/tmp/d", "--xla_gpu_autotune_level=2", "--xla_gpu_enable_triton_gemm=false"]
   monkeypatch.delenv("XLA_FLAGS")
   gpu_targets.prepare_environment()
   assert os.environ["XLA_FLAGS"].split() == list(gpu_targets.COMPILE_ONLY_XLA_FLAGS)

@@ -135,9 +135,10 @@ def report_fields(topology: str) -> Dict[str, Any]:
   name, _ = parse_topology(topology)
   return {
       "gpu_target_config": f"sdseg_jax/gpu_targets/{GPUS[name].target_file}",
-      "xla_flags": [f for f in os.environ.get("XLA_FLAGS", "").split()
-                    if f.split("=")[0] in {c.split("=")[0] for c in COMPILE_ONLY_XLA_FLAGS}],
-      "xla_flags_note": ("set for compiling without a GPU: no Triton GEMMs and no autotuning, "
-                         "so the memory plan and kernel choice may differ from a real GPU run "
-                         "with default flags; the model FLOPs are unaffected"),
+      # Every flag this compile ran with: the user's and the compile-only ones.
+      "xla_flags": os.environ.get("XLA_FLAGS", "").split(),
+      "xla_flags_note": (f"{' '.join(COMPILE_ONLY_XLA_FLAGS)} are set for compiling without a "
+                         f"GPU: no Triton GEMMs and no autotuning, so the memory plan and kernel "
+                         f"choice may differ from a real GPU run with default flags; the model "
+                         f"FLOPs are unaffected"),
   }
