@@ -113,8 +113,8 @@ def analyse(compiled: Any, *, chip: Chip, num_chips: int, per_chip_batch: float,
       "bytes_accessed_per_chip": bytes_accessed,
       "collectives": collectives(hlo),
       "while_loops": len(re.findall(r"\swhile\(", hlo)),
-      # Instructions XLA recomputed to stay under its memory limit (XLA:GPU: 80% of the
-      # device's memory less the program's inputs and outputs): the step does extra work.
+      # Instructions XLA recomputed to stay under its memory limit (XLA:GPU: about 76% of the
+      # device's memory, BENCHMARKS.md "GPU (H100/H200)"): the step does extra work.
       "rematerialized_instructions": len(_REMAT_RE.findall(hlo)),
       "compile_seconds": compile_seconds,
   }
