@@ -3,6 +3,7 @@
   python -m sdseg_jax.aot --config configs/refuge.py:v5e8 --topology v5e:2x4 --json out.json
   python -m sdseg_jax.aot --config configs/refuge.py:v5e32 --topology v5e:4x8 --suite train
   python -m sdseg_jax.aot --config configs/refuge.py:v5e8 --topology v5e:4x8 --seeds 4
+  python -m sdseg_jax.aot --config configs/refuge.py:h100 --topology h100:1   # XLA:GPU
 
 Runs on a laptop (no accelerator): libtpu (`pip install -r requirements-tpu.txt`) describes the
 slice as compile-only devices, and the REAL train step (`step.compile_train_step`, the function
@@ -10,6 +11,13 @@ slice as compile-only devices, and the REAL train step (`step.compile_train_step
 mesh over them, with the config's mesh, strategy, global batch and compute dtype. The program is
 the SPMD program every host of the pod runs (global arrays over all chips of all hosts), so
 shape, sharding and out-of-memory errors show up here instead of on the pod.
+
+GPU nodes (`h100:N`, `h200:N`, 1..8 GPUs of one host) are compiled the same way by XLA:GPU from
+jax's CUDA plugin (`pip install -r requirements-gpu-aot.txt`), for the target GPUs described in
+sdseg_jax/gpu_targets/. Without a GPU, XLA:GPU needs two flags that change the compiled program
+(no Triton GEMMs, no autotuning; the JSON lists them under `xla_flags`), and it gives no cost
+analysis, so the GPU step-time estimate is built from the model's FLOPs and the memory plan's
+argument and output bytes only (see gpu_targets and compiled_cost.analyse).
 
 Reported per chip and per suite: the compiler's memory plan (arguments, outputs, temporaries,
 aliasing, their peak against the chip's HBM; `fits` = peak <= 0.9 x HBM), XLA's FLOP and
@@ -40,6 +48,7 @@ from ml_collections import config_flags
 
 from sdseg_jax import compiled_cost
 from sdseg_jax import errors
+from sdseg_jax import gpu_targets
 from sdseg_jax import optim
 from sdseg_jax import sharding as sharding_lib
 from sdseg_jax import step as step_lib
@@ -49,7 +58,8 @@ from sdseg_jax.models import sdseg
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (as for main).",
                                           lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "Target, e.g. v5e:2x4 (v5e-8), v5e:4x8, "
-                                "v5p:2x2x1, v6e:2x4, v4:2x2x1.")
+                                "v5p:2x2x1, v6e:2x4, v4:2x2x1; GPU nodes h100:8, h200:1 "
+                                "(GPU model:GPUs in one node, 1..8).")
 _SUITE = flags.DEFINE_enum("suite", "both", ["train", "infer", "both"], "What to compile.")
 _JSON = flags.DEFINE_string("json", None, "Also write the report as JSON to this file.")
 _SEEDS = flags.DEFINE_integer("seeds", 1, "Seeds trained side by side in one job (the train "
@@ -66,14 +76,18 @@ class AotError(errors.UserFacingError, ValueError):
 
 # ---- the target ---------------------------------------------------------------------------------
 def topology_devices(topology: str) -> List[Any]:
-  """Compile-only devices of a TPU slice, e.g. "v5e:2x4" (all hosts' chips)."""
+  """Compile-only devices of a TPU slice, e.g. "v5e:2x4" (all hosts' chips), or of one GPU
+  node, e.g. "h100:8" (gpu_targets; `main` prepares its environment first)."""
+  if gpu_targets.looks_like_gpu(topology):
+    return gpu_targets.devices(topology)
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   # libtpu guards a real chip with a machine-wide lock file; compile-only devices need no
   # guard, and without this two checks (or parallel tests) on one laptop would block each other.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   if not re.fullmatch(r"v(4|5e|5p|6e):\d+(x\d+){1,2}", topology):
     raise AotError(f"unknown topology {topology!r}: expected a TPU slice such as "
-                   f"{', '.join(TOPOLOGY_EXAMPLES)}")
+                   f"{', '.join(TOPOLOGY_EXAMPLES)}, or a GPU node such as "
+                   f"{', '.join(gpu_targets.EXAMPLES)}")
   try:
     return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
   except Exception as e:  # libtpu missing, or a shape the chip does not come in
@@ -277,6 +291,8 @@ def run(config: ml_collections.ConfigDict, topology: str, suites: Sequence[str],
       "upsample_impl": config.model.upsample_impl,
       "note": "step times, images/s and MFU are compiler ESTIMATES, not measurements",
   }
+  if gpu_targets.looks_like_gpu(topology):
+    report.update(gpu_targets.report_fields(topology))
   if seeds > 1:
     report["seed_lanes"] = {"seeds": seeds, "mesh": dict(program.seed_mesh.shape),
                             "chips_per_seed": len(devices) // seeds}
@@ -310,6 +326,8 @@ def summary(report: Dict[str, Any], suites: Sequence[str]) -> str:
     lines.append(f"  (each device is one of a chip's {cores} TensorCores: 'per chip' figures "
                  f"below are per TensorCore, with 1/{cores} of the chip's HBM, peak and "
                  f"bandwidth)")
+  if "xla_flags" in report:
+    lines.append(f"  XLA_FLAGS: {' '.join(report['xla_flags'])} ({report['xla_flags_note']})")
   if "seed_lanes" in report:
     lanes = report["seed_lanes"]
     lines.append(f"  train: {lanes['seeds']} seeds side by side, {lanes['chips_per_seed']} chips "
@@ -324,14 +342,20 @@ def summary(report: Dict[str, Any], suites: Sequence[str]) -> str:
     verdict = "fits" if r["fits"] else "DOES NOT FIT"
     optimal = ("n/a" if r["xla_optimal_seconds"] is None
                else f"{r['xla_optimal_seconds'] * 1e3:.1f} ms")
+    xla_flops = ("XLA FLOPs n/a (no cost analysis: the roofline uses the model FLOPs and the "
+                 "memory plan's argument + output bytes)" if r["flops_per_chip"] is None else
+                 f"XLA {r['flops_per_chip'] / 1e12:.2f} TFLOP/chip "
+                 f"({r['xla_to_model_flops'] or 0:.2f} x model)")
     lines.append(
         f"  {suite}: {verdict}: peak {r['peak_bytes_per_chip'] / compiled_cost.GIB:.2f} GiB of "
         f"{hbm:.1f} GiB "
-        f"per chip; XLA {(r['flops_per_chip'] or 0) / 1e12:.2f} TFLOP/chip "
-        f"({r['xla_to_model_flops'] or 0:.2f} x model); estimated step "
+        f"per chip; {xla_flops}; estimated step "
         f"{r['roofline_step_seconds'] * 1e3:.1f} ms (roofline) / {optimal} (XLA cost model), "
         f"{r['estimated_images_per_s_per_chip']:.1f} img/s/chip, MFU "
         f"{r['estimated_mfu']:.1%} (estimates); compiled in {r['compile_seconds']:.0f} s")
+    if r.get("rematerialized_instructions"):
+      lines.append(f"    XLA recomputes {r['rematerialized_instructions']} instructions of {suite} "
+                   f"to stay under its memory limit: extra work per step")
   return "\n".join(lines)
 
 
@@ -346,6 +370,8 @@ def _write_json(report: Dict[str, Any]) -> None:
 
 def main(argv) -> None:
   del argv
+  if gpu_targets.looks_like_gpu(_TOPOLOGY.value):  # before jax starts any backend
+    gpu_targets.prepare_environment()
   # The targets are compile-only devices; the local backend only builds abstract shapes.
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_threefry_partitionable", True)

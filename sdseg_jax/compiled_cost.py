@@ -30,14 +30,18 @@ class Chip:
   hbm_bytes_per_second: float
 
 
-# Keyed by jax's `device_kind`. Cloud TPU datasheets; NVIDIA SXM datasheets (dense bf16).
+# Keyed by jax's `device_kind`. Cloud TPU datasheets; NVIDIA SXM datasheets (dense bf16 peak,
+# HBM bandwidth). The GPUs' HBM is what they report to CUDA as total memory, the figure XLA:GPU
+# plans against (sdseg_jax/gpu_targets/*.txtpb: 79.1 GiB of the H100's "80GB", 141 GiB H200).
 CHIPS: Dict[str, Chip] = {
     "TPU v4": Chip("v4", 32 * GIB, 275e12, 1228e9),
     "TPU v5 lite": Chip("v5e", 16 * GIB, 197e12, 819e9),
     "TPU v5": Chip("v5p", 95 * GIB, 459e12, 2765e9),
     "TPU v6 lite": Chip("v6e", 32 * GIB, 918e12, 1640e9),
-    "NVIDIA H100 80GB HBM3": Chip("h100", 80 * 10 ** 9, 989.4e12, 3.35e12),
-    "NVIDIA H200": Chip("h200", 141 * 10 ** 9, 989.4e12, 4.8e12),
+    "NVIDIA H100 80GB HBM3": Chip("h100", 84_942_979_072, 989.4e12, 3.35e12),
+    "NVIDIA H200": Chip("h200", 151_397_597_184, 989.4e12, 4.8e12),
+    # The name XLA's own H200 target spec gives (a target text copied from openxla/xla).
+    "NVIDIA H200 141GB HBM3e": Chip("h200", 151_397_597_184, 989.4e12, 4.8e12),
 }
 
 
@@ -55,6 +59,7 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 _COLLECTIVE_RE = re.compile(
     r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_REMAT_RE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.-]+\.remat\d* = ", re.MULTILINE)
 _ARRAY_RE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
 
 
@@ -108,14 +113,25 @@ def analyse(compiled: Any, *, chip: Chip, num_chips: int, per_chip_batch: float,
       "bytes_accessed_per_chip": bytes_accessed,
       "collectives": collectives(hlo),
       "while_loops": len(re.findall(r"\swhile\(", hlo)),
+      # Instructions XLA recomputed to stay under its memory limit (XLA:GPU: about 76% of the
+      # device's memory, BENCHMARKS.md "GPU (H100/H200)"): the step does extra work.
+      "rematerialized_instructions": len(_REMAT_RE.findall(hlo)),
       "compile_seconds": compile_seconds,
   }
   # Estimate 1: roofline. XLA counts a loop body once, so the compute term never goes below the
   # model's FLOPs.
   if flops is None:
-    report["roofline_step_seconds"] = model_per_chip / chip.peak_flops
-    report["roofline_note"] = ("estimate; no cost analysis from this compiler: compute bound "
-                               "of the model FLOPs only")
+    # XLA:GPU gives no cost analysis for compile-only devices. What is left: the model's FLOPs
+    # at the chip's peak, and the memory plan's arguments and outputs, each of which the step
+    # reads or writes at least once (temporaries' traffic is unknown, so not counted).
+    report["flops_note"] = report["bytes_accessed_note"] = (
+        "not reported: this compiler's cost_analysis() is empty")
+    report["roofline_step_seconds"] = max(model_per_chip / chip.peak_flops,
+                                          (argument + output) / chip.hbm_bytes_per_second)
+    report["roofline_note"] = (
+        "estimate without XLA's counts: max(model FLOPs / peak, (argument + output bytes of the "
+        "memory plan) / HBM bandwidth); a lower bound on the step time, so images/s is an upper "
+        "bound and MFU is 1.0 whenever the model-FLOPs term is the larger")
   else:
     report["roofline_step_seconds"] = max(max(flops, model_per_chip) / chip.peak_flops,
                                           bytes_accessed / chip.hbm_bytes_per_second)
