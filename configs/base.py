@@ -32,7 +32,20 @@ def data_block(name: str, root: str = "") -> ml_collections.ConfigDict:
 KL_F8_WEIGHTS = "weights/kl-f8.npz"
 LSUN_CHURCHES_UNET_WEIGHTS = "weights/lsun_churches_unet.npz"
 
-VARIANTS = ("", "runlocal", "gpu8", "h100", "h200", "v5e8", "v5e32", "cpu_small")
+# TPU slices: (aot topology, devices, examples per device); data-parallel with replicated
+# state, bf16. Chosen from XLA:TPU's compiles (`python -m sdseg_jax.aot`; BENCHMARKS.md, "TPU
+# ahead-of-time compile", estimates): on v5e-8, dp beat fsdp (74.7 vs 59.3 img/s/chip at 8 per
+# chip) and 16 per chip beat 8 (102.6 img/s/chip, 11.9 of 16 GiB): the per-step optimizer and
+# EMA traffic is shared by more examples. The global batch is capped at 256 because the recipe
+# scales the learning rate with it (1e-5 x batch: 2.6e-3 at 256, against the paper's 4e-5) and
+# nothing larger has been tried. Each preset's both suites compiled and fit
+# (benchmarks/aot/refuge_<variant>_<topology>.json; tests/test_configs.py).
+TPU_PRESETS = {
+    "v5e8": ("v5e:2x4", 8, 16),    # v5e-8, 16 GiB/chip
+    "v5e32": ("v5e:4x8", 32, 8),   # v5e-32, 8 hosts (16 per chip: a global batch of 512)
+    "v6e8": ("v6e:2x4", 8, 32),    # v6e-8, 32 GiB/chip
+}
+VARIANTS = ("", "runlocal", "gpu8", "h100", "h200", *TPU_PRESETS, "cpu_small")
 # Precision settings, added after a comma to any variant (`configs/kvasir.py:h100,paper`):
 #   "paper"  float32 convolutions and matmuls at full precision, as the official training
 #            (fp32; no bf16 passes on TPU, no TF32 on GPU). Several times slower on
@@ -117,10 +130,11 @@ def benchmark_config(dataset: str, root: str, eval_every: int, variant: str = ""
     ""          the paper's setting: global batch 4 (lr = 1e-5 x 4), fp32, 1 device
     "runlocal"  a CPU smoke run: batch 2, 10 steps, evaluation on 8 validation cases
     "gpu8"      8 GPUs, 4 per GPU (global 32, lr scaled to 3.2e-4 as the official --scale_lr)
-    "h100"      one H100: 32 per chip in bf16 (about 22 GiB, docs/performance.md#memory)
-    "h200"      one H200 (141 GB): 64 per chip in bf16 (estimated 37 GiB, BENCHMARKS.md)
-    "v5e8"      a v5e-8 slice: 8 per chip in bf16 with FSDP-sharded params and Adam moments
-    "v5e32"     a v5e-32 pod slice (8 hosts): the same per chip, data x fsdp = 4 x 8
+    "h100"      one H100: 32 per chip in bf16 (XLA:GPU plans 25.0 of 79.1 GiB; BENCHMARKS.md)
+    "h200"      one H200 (141 GB): 64 per chip in bf16 (XLA:GPU plans 44.6 GiB; BENCHMARKS.md)
+    "v5e8"      a v5e-8 slice: 16 per chip in bf16, data-parallel (TPU_PRESETS, chosen from
+    "v5e32"     a v5e-32 pod slice (8 hosts): 8 per chip    XLA:TPU's compiles; BENCHMARKS.md)
+    "v6e8"      a v6e-8 slice: 32 per chip
     "cpu_small" the demo's small model at 64x64 on the real data, VAE pre-trained on its masks
   A precision setting may follow after a comma ("h100,paper", see PRECISIONS).
   """
@@ -149,8 +163,8 @@ def benchmark_config(dataset: str, root: str, eval_every: int, variant: str = ""
     config.model.compute_dtype = "bfloat16"
     config.eval.batch_size = 32
   elif variant == "h200":
-    # Twice the H100 batch: the estimate (37 GiB) leaves half the card free even next to the
-    # PyTorch baseline in the benchmark's process, and the per-step optimizer traffic halves.
+    # Twice the H100 batch: XLA:GPU plans 44.6 GiB, which leaves half the card free even next to
+    # the PyTorch baseline in the benchmark's process, and the per-step optimizer traffic halves.
     config.train.global_batch_size = 64
     config.model.compute_dtype = "bfloat16"
     config.eval.batch_size = 64
@@ -159,12 +173,12 @@ def benchmark_config(dataset: str, root: str, eval_every: int, variant: str = ""
     # Within the 30-minute CPU budget of the Kvasir-SEG ablation (BENCHMARKS.md, "Real
     # Kvasir-SEG, CPU-sized model"): 1400 steps, about 16 min. The demo keeps its 7-minute 600.
     config.train.max_steps = 1400
-  elif variant in ("v5e8", "v5e32"):
-    # 16 GB per chip: batch 8 in bf16 plus FSDP-sharded state (docs/performance.md#memory).
-    config.train.global_batch_size = 64 if variant == "v5e8" else 256
+  elif variant in TPU_PRESETS:
+    _, devices, per_device = TPU_PRESETS[variant]
+    config.train.global_batch_size = devices * per_device
     config.model.compute_dtype = "bfloat16"
-    config.mesh.data, config.mesh.fsdp = -1, 8
-    config.mesh.strategy = "fsdp"
+    config.mesh.data, config.mesh.fsdp = -1, 1
+    config.mesh.strategy = "dp"
   apply_precision(config, settings)
   return config
 

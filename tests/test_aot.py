@@ -177,6 +177,7 @@ def test_attention_kernel_comparison_on_the_tiny_model(tmp_path):
 def test_per_device_figures_split_a_chip_between_its_tensorcores():
   """libtpu describes a v4 chip's two TensorCores as two devices: each gets half the chip."""
   import types  # pylint: disable=g-import-not-at-top
+
   from sdseg_jax import aot as aot_lib  # pylint: disable=g-import-not-at-top
   from sdseg_jax import compiled_cost  # pylint: disable=g-import-not-at-top
   device = lambda kind, x: types.SimpleNamespace(device_kind=kind, coords=[x, 0, 0])

@@ -69,3 +69,24 @@ def test_invalid_values_name_the_field():
   config.data.image_size = 128
   with pytest.raises(config_lib.ConfigError, match="config.model.vae.resolution"):
     config_lib.validate(config)
+
+
+@pytest.mark.parametrize("variant", sorted(base.TPU_PRESETS))
+def test_tpu_presets_are_what_the_compiler_checked(variant):
+  """Each TPU preset is exactly a configuration whose train step and inference XLA:TPU compiled
+  and found to fit (`python -m sdseg_jax.aot`, recorded in benchmarks/aot/): a preset changed
+  without a new compile fails here."""
+  import json  # pylint: disable=g-import-not-at-top
+  topology, devices, per_device = base.TPU_PRESETS[variant]
+  record = REPO / "benchmarks" / "aot" / f"refuge_{variant}_{topology.replace(':', '-')}.json"
+  assert record.is_file(), f"no compile recorded for {variant}: {record}"
+  report = json.loads(record.read_text())
+  config = load("refuge").get_config(variant)
+  assert report["topology"] == topology and report["num_chips"] == devices
+  assert report["global_batch_size"] == config.train.global_batch_size == devices * per_device
+  assert report["strategy"] == config.mesh.strategy
+  assert report["mesh"] == {"data": devices, "fsdp": 1} and config.mesh.fsdp == 1
+  assert report["compute_dtype"] == config.model.compute_dtype == "bfloat16"
+  for suite in ("train", "infer"):
+    assert report[suite]["fits"], (variant, suite)
+    assert report[suite]["per_chip_batch"] == per_device
