@@ -32,18 +32,20 @@ def data_block(name: str, root: str = "") -> ml_collections.ConfigDict:
 KL_F8_WEIGHTS = "weights/kl-f8.npz"
 LSUN_CHURCHES_UNET_WEIGHTS = "weights/lsun_churches_unet.npz"
 
-# TPU slices: (aot topology, devices, examples per device); data-parallel with replicated
+# TPU slices: (aot topology, devices, examples per device, remat); data-parallel with replicated
 # state, bf16. Chosen from XLA:TPU's compiles (`python -m sdseg_jax.aot`; BENCHMARKS.md, "TPU
-# ahead-of-time compile", estimates): on v5e-8, dp beat fsdp (74.7 vs 59.3 img/s/chip at 8 per
-# chip) and 16 per chip beat 8 (102.6 img/s/chip, 11.9 of 16 GiB): the per-step optimizer and
-# EMA traffic is shared by more examples. The global batch is capped at 256 because the recipe
-# scales the learning rate with it (1e-5 x batch: 2.6e-3 at 256, against the paper's 4e-5) and
-# nothing larger has been tried. Each preset's both suites compiled and fit
-# (benchmarks/aot/refuge_<variant>_<topology>.json; tests/test_configs.py).
+# ahead-of-time compile", estimates). On v5e-8: dp beat fsdp (74.7 vs 59.3 img/s/chip at 8 per
+# chip); 16 per chip beat 8 (102.6 img/s/chip, 11.9 of 16 GiB), because the per-step optimizer
+# and EMA traffic is shared by more examples; 32 per chip fits only with the UNet blocks
+# rematerialised (`model.unet.use_checkpoint`) and is faster still (122.7 img/s/chip, 12.7 GiB).
+# The global batch is capped at 256 because the recipe scales the learning rate with it
+# (1e-5 x batch: 2.6e-3 at 256, against the paper's 4e-5) and nothing larger has been tried.
+# Each preset's both suites compiled and fit (benchmarks/aot/refuge_<variant>_<topology>.json;
+# tests/test_configs.py).
 TPU_PRESETS = {
-    "v5e8": ("v5e:2x4", 8, 16),    # v5e-8, 16 GiB/chip
-    "v5e32": ("v5e:4x8", 32, 8),   # v5e-32, 8 hosts (16 per chip: a global batch of 512)
-    "v6e8": ("v6e:2x4", 8, 32),    # v6e-8, 32 GiB/chip
+    "v5e8": ("v5e:2x4", 8, 32, True),     # v5e-8, 16 GiB/chip
+    "v5e32": ("v5e:4x8", 32, 8, False),   # v5e-32, 8 hosts
+    "v6e8": ("v6e:2x4", 8, 32, False),    # v6e-8, 32 GiB/chip
 }
 VARIANTS = ("", "runlocal", "gpu8", "h100", "h200", *TPU_PRESETS, "cpu_small")
 # Precision settings, added after a comma to any variant (`configs/kvasir.py:h100,paper`):
@@ -132,9 +134,10 @@ def benchmark_config(dataset: str, root: str, eval_every: int, variant: str = ""
     "gpu8"      8 GPUs, 4 per GPU (global 32, lr scaled to 3.2e-4 as the official --scale_lr)
     "h100"      one H100: 32 per chip in bf16 (XLA:GPU plans 25.0 of 79.1 GiB; BENCHMARKS.md)
     "h200"      one H200 (141 GB): 64 per chip in bf16 (XLA:GPU plans 44.6 GiB; BENCHMARKS.md)
-    "v5e8"      a v5e-8 slice: 16 per chip in bf16, data-parallel (TPU_PRESETS, chosen from
-    "v5e32"     a v5e-32 pod slice (8 hosts): 8 per chip    XLA:TPU's compiles; BENCHMARKS.md)
-    "v6e8"      a v6e-8 slice: 32 per chip
+    "v5e8"      a v5e-8 slice: 32 per chip in bf16, UNet blocks rematerialised
+    "v5e32"     a v5e-32 pod slice (8 hosts): 8 per chip in bf16
+    "v6e8"      a v6e-8 slice: 32 per chip in bf16
+                (TPU variants: data-parallel, chosen from XLA:TPU's compiles; TPU_PRESETS)
     "cpu_small" the demo's small model at 64x64 on the real data, VAE pre-trained on its masks
   A precision setting may follow after a comma ("h100,paper", see PRECISIONS).
   """
@@ -174,8 +177,9 @@ def benchmark_config(dataset: str, root: str, eval_every: int, variant: str = ""
     # Kvasir-SEG, CPU-sized model"): 1400 steps, about 16 min. The demo keeps its 7-minute 600.
     config.train.max_steps = 1400
   elif variant in TPU_PRESETS:
-    _, devices, per_device = TPU_PRESETS[variant]
+    _, devices, per_device, remat = TPU_PRESETS[variant]
     config.train.global_batch_size = devices * per_device
+    config.model.unet.use_checkpoint = remat
     config.model.compute_dtype = "bfloat16"
     config.mesh.data, config.mesh.fsdp = -1, 1
     config.mesh.strategy = "dp"

@@ -77,7 +77,7 @@ def test_tpu_presets_are_what_the_compiler_checked(variant):
   and found to fit (`python -m sdseg_jax.aot`, recorded in benchmarks/aot/): a preset changed
   without a new compile fails here."""
   import json  # pylint: disable=g-import-not-at-top
-  topology, devices, per_device = base.TPU_PRESETS[variant]
+  topology, devices, per_device, remat = base.TPU_PRESETS[variant]
   record = REPO / "benchmarks" / "aot" / f"refuge_{variant}_{topology.replace(':', '-')}.json"
   assert record.is_file(), f"no compile recorded for {variant}: {record}"
   report = json.loads(record.read_text())
@@ -87,6 +87,7 @@ def test_tpu_presets_are_what_the_compiler_checked(variant):
   assert report["strategy"] == config.mesh.strategy
   assert report["mesh"] == {"data": devices, "fsdp": 1} and config.mesh.fsdp == 1
   assert report["compute_dtype"] == config.model.compute_dtype == "bfloat16"
+  assert report.get("use_checkpoint", False) == config.model.unet.use_checkpoint == remat
   for suite in ("train", "infer"):
     assert report[suite]["fits"], (variant, suite)
     assert report[suite]["per_chip_batch"] == per_device
