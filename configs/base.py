@@ -45,7 +45,7 @@ LSUN_CHURCHES_UNET_WEIGHTS = "weights/lsun_churches_unet.npz"
 TPU_PRESETS = {
     "v5e8": ("v5e:2x4", 8, 32, True),     # v5e-8, 16 GiB/chip
     "v5e32": ("v5e:4x8", 32, 8, False),   # v5e-32, 8 hosts
-    "v6e8": ("v6e:2x4", 8, 32, False),    # v6e-8, 32 GiB/chip
+    "v5p8": ("v5p:2x2x1", 4, 64, False),  # v5p-8 = 4 chips, 95 GiB/chip
 }
 VARIANTS = ("", "runlocal", "gpu8", "h100", "h200", *TPU_PRESETS, "cpu_small")
 # Precision settings, added after a comma to any variant (`configs/kvasir.py:h100,paper`):
@@ -136,7 +136,7 @@ def benchmark_config(dataset: str, root: str, eval_every: int, variant: str = ""
     "h200"      one H200 (141 GB): 64 per chip in bf16 (XLA:GPU plans 44.6 GiB; BENCHMARKS.md)
     "v5e8"      a v5e-8 slice: 32 per chip in bf16, UNet blocks rematerialised
     "v5e32"     a v5e-32 pod slice (8 hosts): 8 per chip in bf16
-    "v6e8"      a v6e-8 slice: 32 per chip in bf16
+    "v5p8"      a v5p-8 slice (4 chips): 64 per chip in bf16
                 (TPU variants: data-parallel, chosen from XLA:TPU's compiles; TPU_PRESETS)
     "cpu_small" the demo's small model at 64x64 on the real data, VAE pre-trained on its masks
   A precision setting may follow after a comma ("h100,paper", see PRECISIONS).
